@@ -1,0 +1,291 @@
+"""`dovetail` command line: argparse -> configs -> run(). The only place argv and env are read.
+
+torch is imported lazily: the verifier pins its CPUs and threads before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import store
+from .config import DraftConfig, LinkConfig, VerifierConfig, dovetail_home
+
+log = logging.getLogger("dovetail")
+
+EPILOG = """\
+examples:
+  dovetail models install                              # the default pair (Qwen2.5-Coder 1.5B + 0.5B)
+  dovetail run --prompt "def quicksort(arr):" -n 64    # both processes on this host
+  dovetail verifier -m qwen2.5-coder-1.5b --listen tcp://0.0.0.0:5557 -t 16     # host A (CPU)
+  dovetail generate --verifier tcp://HOST_A:5557 -md qwen2.5-coder-0.5b --prompt "Hi" --chat  # host B
+"""
+
+
+# ---- shared option groups ------------------------------------------------------------------------
+def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+    g = p.add_argument_group("target (verifier, CPU)")
+    g.add_argument("-m", "--model", required=model_required, default=None if model_required else store.DEFAULT_TARGET,
+                   help="target: installed short name, model folder, .gguf file or HF id"
+                   + ("" if model_required else f" (default {store.DEFAULT_TARGET})"))
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per physical core of the node)")
+    g.add_argument("--cpus", default=None, help="CPU list to pin to, e.g. 0-7,16-23 (default: the NUMA node's cores)")
+    g.add_argument("--numa-node", type=int, default=None, help="NUMA node to run on (default: the one with most free cores)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="target dtype; auto = bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32")
+    g.add_argument("--max-sessions", type=int, default=16, help="draft sessions served at once (oldest idle one closed past it)")
+
+
+def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+    g = p.add_argument_group("draft")
+    g.add_argument("-md", "--model-draft", required=model_required, default=None if model_required else store.DEFAULT_DRAFT,
+                   help="draft LM with the target's tokenizer: short name, folder, .gguf or HF id"
+                   + ("" if model_required else f" (default {store.DEFAULT_DRAFT})"))
+    g.add_argument("--device-draft", default="auto", choices=["auto", "cuda", "cpu"], help="where the draft runs (auto: cuda if present)")
+    g.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="draft dtype (auto: float16 on CUDA, float32 on the CPU)")
+    d = DraftConfig()
+    g.add_argument("--draft-max", type=int, default=d.draft_max, help=f"most draft tokens per step (default {d.draft_max})")
+    g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")
+    g.add_argument("--draft-p-min", type=float, default=d.p_min,
+                   help=f"stop a chain when the draft's top probability falls under this (default {d.p_min})")
+    g.add_argument("--tree-top-k", type=int, default=d.tree_top_k, help="> 1 drafts EAGLE-2 dynamic trees with this branching (default 1: chains)")
+    g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
+    g.add_argument("--tree-tokens", type=int, default=d.tree_tokens, help=f"tokens per verified tree, root included (default {d.tree_tokens})")
+
+    s = p.add_argument_group("generation")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text")
+    src.add_argument("-f", "--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (a user turn)")
+    s.add_argument("-n", "--n-predict", type=int, default=128, help="most new tokens (default 128)")
+    s.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    s.add_argument("--json", action="store_true", help="print one JSON object (text, ids, stats) instead of streaming")
+    s.add_argument("--timeout", type=float, default=LinkConfig.timeout_s,
+                   help=f"seconds to wait for any verifier reply (default {LinkConfig.timeout_s:g})")
+
+
+def draft_config(args) -> DraftConfig:
+    return DraftConfig(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min,
+                       tree_top_k=args.tree_top_k, tree_depth=args.tree_depth, tree_tokens=args.tree_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dovetail", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Lossless speculative decoding: the target runs on the CPU, a small draft on the GPU "
+                    "(or CPU); the two processes talk over ZeroMQ and only tokens and features cross the link.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verifier", help="serve a target model on this host's CPU",
+                       description="Load the target on the CPU, pin it to a NUMA node's cores, and verify drafts for any number of sessions.")
+    add_verifier_options(p, model_required=True)
+    p.add_argument("--listen", default="tcp://127.0.0.1:5557",
+                   help="endpoint to bind (default tcp://127.0.0.1:5557; use tcp://0.0.0.0:PORT for other hosts, on a trusted network)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("generate", help="draft here, verify on a running verifier",
+                       description="Run the draft side against a running `dovetail verifier`; streams the text, then prints stats.")
+    p.add_argument("--verifier", default="tcp://127.0.0.1:5557", help="verifier endpoint (default tcp://127.0.0.1:5557)")
+    add_draft_options(p, model_required=True)
+
+    p = sub.add_parser("run", help="one host: start a verifier child and generate",
+                       description="Start the verifier as a child process on this host, generate, and shut both down.")
+    add_verifier_options(p, model_required=False)
+    add_draft_options(p, model_required=False)
+
+    p = sub.add_parser("models", help="install or list the default real models")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
+    i.add_argument("names", nargs="*", help=f"models to install (default: {store.DEFAULT_TARGET} {store.DEFAULT_DRAFT})")
+    msub.add_parser("list", help="show the known models and whether they are installed")
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_verifier(args) -> int:
+    from . import placement
+
+    nodes = placement.read_numa_nodes()
+    cpus = placement.parse_cpulist(args.cpus) if args.cpus else None
+    where = placement.choose(nodes, set(os.sched_getaffinity(0)), args.numa_node, cpus, args.threads)
+    placement.apply(where)  # before torch is imported
+    if args.exit_with_parent:
+        _die_with_parent()
+
+    import torch
+
+    from . import models
+    from .verifier import Verifier, memory_report, open_socket
+
+    torch.set_num_threads(where.threads)
+    config = VerifierConfig(model=args.model, home=dovetail_home(), dtype=args.dtype, max_sessions=args.max_sessions,
+                            link=LinkConfig(endpoint=args.listen))
+    dtype = models.resolve_dtype(config.dtype)
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(config.model, config.home, dtype)
+    verifier = Verifier(model, tokenizer, config)
+    sock, endpoint = open_socket(config)
+    print(f"dovetail verifier: {config.model} ({str(dtype).removeprefix('torch.')}) loaded in {time.perf_counter() - t0:.1f} s\n"
+          f"  placement: {where.describe()} (torch threads {torch.get_num_threads()})\n"
+          f"  memory:    {memory_report(model)}\n"
+          f"  listening: {endpoint}", file=sys.stderr, flush=True)
+    if args.ready_fd is not None:
+        with os.fdopen(args.ready_fd, "w") as ready:
+            ready.write(endpoint + "\n")
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    parent = os.getppid()
+    verifier.serve(sock, should_stop=lambda: bool(stopping) or (args.exit_with_parent and os.getppid() != parent))
+    sock.close(0)
+    print("dovetail verifier: stopped", file=sys.stderr)
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when the parent dies (no orphan verifier)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(args.prompt_file).read_text()
+    except OSError as exc:
+        raise SystemExit(f"dovetail: cannot read the prompt file: {exc}")
+
+
+def cmd_generate(args, endpoint: str | None = None) -> int:
+    from .client import Client
+    from .detok import IncrementalDetokenizer
+
+    client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
+                    draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype)
+    with client:
+        ids = client.encode(read_prompt(args), chat=args.chat)
+        stream = None if args.json else IncrementalDetokenizer(client.tokenizer)
+        on_tokens = None if args.json else (lambda toks: print(stream.push(toks), end="", flush=True))
+        out = client.generate(ids, args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, on_tokens=on_tokens, stop_at_eos=not args.ignore_eos)
+    text = client.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    st = out.stats
+    if args.json:
+        print(json.dumps({
+            "text": text, "token_ids": out.token_ids, "n_prompt": st.n_prompt, "n_generated": st.n_generated,
+            "n_drafted": st.n_drafted, "n_accepted": st.n_accepted, "tau": round(st.tau, 4),
+            "seconds": round(st.seconds, 4), "tok_per_s": round(st.tok_per_s, 3),
+            "timings": {"draft_s": round(st.timings.draft_s, 4), "verify_s": round(st.timings.verify_s, 4),
+                        "link_s": round(st.timings.link_s, 4), "prefill_s": round(st.timings.prefill_s, 4)},
+        }))
+    else:
+        print(stream.flush(), flush=True)
+        print(stats_block(st, client.target), file=sys.stderr)
+    return 0
+
+
+def stats_block(st, target: dict) -> str:
+    steps = max(st.n_steps, 1)
+    t = st.timings
+    return "\n".join([
+        "",
+        f"target: {target.get('model')} ({target.get('dtype')})",
+        f"n_prompt  = {st.n_prompt}   prefill = {t.prefill_s:.3f} s (time to first token)",
+        f"n_predict = {st.n_generated}   in {st.seconds:.3f} s   {st.tok_per_s:.2f} tok/s",
+        f"n_drafted = {st.n_drafted}",
+        f"n_accept  = {st.n_accepted}",
+        f"accept    = {100 * st.accept_rate:.2f}%",
+        f"tau       = {st.tau:.3f}   (mean accepted length: tokens per target forward, bonus included)",
+        f"per step  = draft {1000 * t.draft_s / steps:.1f} ms | verify {1000 * t.verify_s / steps:.1f} ms | "
+        f"link {1000 * t.link_s / steps:.1f} ms   ({st.n_steps} steps)",
+    ])
+
+
+def cmd_run(args) -> int:
+    """One host: the verifier as a child process, the draft side here."""
+    store.resolve(args.model, dovetail_home())  # a clear error before anything starts
+    store.resolve(args.model_draft, dovetail_home())
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", args.model, "--dtype", args.dtype,
+           "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "--exit-with-parent",
+           "--max-sessions", str(args.max_sessions)]
+    for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    child = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as ready:
+            endpoint = ready.readline().strip()
+        if not endpoint:
+            code = child.wait()
+            raise SystemExit(f"dovetail: the verifier exited (code {code}) before it was ready; see its messages above")
+        return cmd_generate(args, endpoint)
+    finally:
+        _stop_child(child)
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def cmd_models(args) -> int:
+    home = dovetail_home()
+    if args.models_command == "list":
+        for name, rel in store.RELEASES.items():
+            state = "installed" if store.is_installed(home, name) else "not installed"
+            print(f"{name:24s} {rel.role:7s} {state:14s} {store.model_dir(home, name)}")
+        return 0
+    for path in store.install(home, args.names or None):
+        print(f"ready: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "models": cmd_models}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("\ndovetail: interrupted", file=sys.stderr)
+        return 130
+    except (store.ModelNotFound, ValueError) as exc:
+        print(f"dovetail: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # LinkError, VerifierError and friends
+        print(f"dovetail: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The draft side: a Client that drafts locally and has a remote verifier check the drafts.
+
+    with Client(verifier="tcp://127.0.0.1:5557", draft="qwen2.5-coder-0.5b") as client:
+        out = client.generate(input_ids, max_new_tokens=64)
+        out.token_ids, out.stats
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import models, transport
+from .config import DraftConfig, LinkConfig, dovetail_home
+from .drafter import DraftLM
+from .protocol import Message, MsgType
+
+log = logging.getLogger(__name__)
+
+
+class VerifierError(RuntimeError):
+    """The verifier refused a request; ``code`` says why (see the protocol spec)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"verifier refused the request [{code}]: {message}")
+        self.code = code
+
+
+@dataclass
+class Timings:
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    link_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass
+class GenerationStats:
+    n_prompt: int = 0
+    n_generated: int = 0
+    n_drafted: int = 0
+    n_accepted: int = 0
+    n_steps: int = 0  # VERIFY round trips (target forwards after the prefill)
+    tau: float = 0.0  # mean accepted length: tokens per target forward, bonus token included
+    seconds: float = 0.0
+    tok_per_s: float = 0.0
+    ttft_s: float = 0.0  # time to the first generated token
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def accept_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated ids only
+    stats: GenerationStats
+
+
+def make_drafter(model, config: DraftConfig):
+    """The draft kind for a loaded draft model (the feature head plugs in here)."""
+    return DraftLM(model, config)
+
+
+class Client:
+    """Draft side of dovetail_rt. Use as a context manager; one session on the verifier."""
+
+    def __init__(
+        self,
+        verifier: str = "tcp://127.0.0.1:5557",
+        draft="qwen2.5-coder-0.5b",
+        device: str = "cpu",
+        tokenizer=None,
+        draft_config: DraftConfig = DraftConfig(),
+        timeout_s: float = LinkConfig.timeout_s,
+        dtype: str = "float32",
+        home: Path | None = None,
+    ):
+        self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s)
+        self.device = resolve_device(device)
+        if isinstance(draft, (str, Path)):
+            model, loaded_tok = models.load_model(str(draft), home or dovetail_home(), models.resolve_dtype(dtype, self.device), self.device)
+            tokenizer = tokenizer or loaded_tok
+        else:
+            model = draft.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.drafter = make_drafter(model, draft_config)
+        self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes)
+        self.session = None
+        try:
+            self.target = self._hello()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # ---- session ------------------------------------------------------------------------------
+    def _request(self, msg: Message) -> Message:
+        reply = self.conn.request(msg)
+        if reply.type == MsgType.ERROR:
+            raise VerifierError(str(reply.fields.get("code")), str(reply.fields.get("message")))
+        return reply
+
+    def _hello(self) -> dict:
+        vocab = models.vocab_strings(self.tokenizer)
+        reply = self._request(Message(MsgType.HELLO, fields={"vocab": vocab}))
+        if reply.type != MsgType.WELCOME:
+            raise transport.LinkError(f"expected WELCOME from the verifier, got {reply.type.name}")
+        self.session = reply.fields["session"]
+        log.info("session %d with target %s (%s)", self.session, reply.fields.get("model"), reply.fields.get("dtype"))
+        return reply.fields
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=2.0)
+            except transport.LinkError:
+                pass
+            self.session = None
+        self.conn.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_tokens=None,
+        stop_at_eos: bool = True,
+    ) -> Generation:
+        """Speculative generation; the output is exactly the target's (greedy: same tokens;
+        sampling: same distribution). ``on_tokens(list[int])`` sees each accepted batch."""
+        if not input_ids:
+            raise ValueError("input_ids is empty: give at least one prompt token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stats = GenerationStats(n_prompt=len(input_ids))
+        eos = set(self.target.get("eos", [])) if stop_at_eos else set()
+        t0 = time.perf_counter()
+        self.drafter.reset()
+        reply = self._request(Message(MsgType.START, fields={
+            "session": self.session, "prompt": list(input_ids), "temperature": float(temperature),
+            "top_k": int(top_k), "top_p": float(top_p), "seed": seed, "features": self.drafter.wants_features,
+        }))
+        stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
+        self.drafter.observe(reply.tensors.get("features"))
+        committed, out = list(input_ids), []
+        done = self._emit([reply.fields["bonus"]], out, committed, max_new_tokens, eos, on_tokens)
+        while not done:
+            # 1 draft: a chain or tree below the last committed token
+            t1 = time.perf_counter()
+            draft = self.drafter.propose(committed, budget=max_new_tokens - len(out) - 1)
+            t2 = time.perf_counter()
+            # 2 send: the verifier runs root + draft in one forward and accepts losslessly
+            reply = self._request(Message(MsgType.VERIFY, fields={
+                "session": self.session, "tokens": draft.tokens, "parents": draft.parents,
+            }))
+            t3 = time.perf_counter()
+            # 3 commit: accepted tokens + the target's bonus token
+            accepted = reply.fields["accepted"]
+            self.drafter.observe(reply.tensors.get("features"))
+            verify_s = float(reply.fields.get("verify_s", 0.0))
+            stats.timings.draft_s += t2 - t1
+            stats.timings.verify_s += verify_s
+            stats.timings.link_s += max(0.0, t3 - t2 - verify_s)
+            stats.n_steps += 1
+            stats.n_drafted += len(draft)
+            stats.n_accepted += len(accepted)
+            done = self._emit(accepted + [reply.fields["bonus"]], out, committed, max_new_tokens, eos, on_tokens)
+        stats.seconds = time.perf_counter() - t0
+        stats.n_generated = len(out)
+        stats.tau = (stats.n_accepted + stats.n_steps) / stats.n_steps if stats.n_steps else 1.0
+        stats.tok_per_s = stats.n_generated / stats.seconds if stats.seconds > 0 else 0.0
+        return Generation(out, stats)
+
+    @staticmethod
+    def _emit(new: list[int], out: list[int], committed: list[int], limit: int, eos: set, on_tokens) -> bool:
+        """Append new tokens up to the limit or an end-of-sequence token; True when finished."""
+        take = []
+        for tok in new:
+            take.append(tok)
+            if tok in eos or len(out) + len(take) >= limit:
+                break
+        out.extend(take)
+        committed.extend(take)
+        if on_tokens and take:
+            on_tokens(take)
+        return len(take) < len(new) or len(out) >= limit or (bool(take) and take[-1] in eos)
+
+    # ---- text convenience ---------------------------------------------------------------------
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, text, chat)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Prompt text -> ids; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+    if tokenizer is None:
+        raise ValueError("this draft model has no tokenizer: pass token ids instead of text")
+    if chat:
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False,
+        ))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device-draft cuda was asked for but torch sees no CUDA GPU; use cpu or auto")
+    return device

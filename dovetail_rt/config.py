@@ -1,0 +1,77 @@
+"""Frozen, validated configuration: one dataclass per process, one for the link between them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # per message; features of a long prompt fit easily
+
+
+def dovetail_home(env: dict | None = None) -> Path:
+    """Where installed models and caches live: $DOVETAIL_HOME or ~/.cache/dovetail."""
+    env = os.environ if env is None else env
+    return Path(env.get("DOVETAIL_HOME") or Path.home() / ".cache" / "dovetail")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    endpoint: str = "tcp://127.0.0.1:5557"
+    timeout_s: float = 60.0  # every receive; a prefill of a long prompt on a slow CPU fits in it
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self):
+        if "://" not in self.endpoint:
+            raise ValueError(f"endpoint '{self.endpoint}' needs a transport, e.g. tcp://127.0.0.1:5557")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message size must be >= 1024 bytes, got {self.max_message_bytes}")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    model: str
+    home: Path
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    max_sessions: int = 16
+    max_draft_tokens: int = 128  # per VERIFY request
+    link: LinkConfig = LinkConfig()
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        if self.max_draft_tokens < 1:
+            raise ValueError("max_draft_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """How the draft side proposes tokens.
+
+    Chains (tree_top_k = 1): up to draft_max tokens, stopping early once draft_min are drafted and
+    the draft's top probability falls under p_min. Trees (tree_top_k > 1): EAGLE-2 style dynamic
+    trees of tree_depth rounds keeping the best tree_tokens - 1 draft nodes.
+    """
+
+    draft_max: int = 6
+    draft_min: int = 0
+    p_min: float = 0.4
+    tree_top_k: int = 1
+    tree_depth: int = 4
+    tree_tokens: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.draft_min <= self.draft_max:
+            raise ValueError(f"need 0 <= --draft-min <= --draft-max, got {self.draft_min} and {self.draft_max}")
+        if not 0 <= self.p_min <= 1:
+            raise ValueError(f"--draft-p-min must be in [0, 1], got {self.p_min}")
+        if self.tree_top_k < 1 or self.tree_depth < 1 or self.tree_tokens < 2:
+            raise ValueError("trees need top_k >= 1, depth >= 1 and tokens >= 2")
+
+    @property
+    def is_tree(self) -> bool:
+        return self.tree_top_k > 1

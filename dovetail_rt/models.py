@@ -1,0 +1,144 @@
+"""Load causal LMs (installed defaults, folders, GGUF files, hub ids) and run tree-shaped forwards.
+
+KV cache bookkeeping lives here too: a forward over a token tree appends every node to the
+cache; ``keep_cache_entries`` then compacts the cache to the accepted path. No sockets here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bfloat16 math (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(spec: str, home: Path, dtype: torch.dtype, device: str = "cpu"):
+    """-> (model in eval mode, tokenizer or None). ``spec`` as accepted by ``store.resolve``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf_file = store.resolve(spec, home)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise store.ModelNotFound(f"could not load model '{spec}' from {path}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError):
+        log.warning("no tokenizer found with model '%s': token ids only", spec)
+        tokenizer = None
+    return model.to(device).eval(), tokenizer
+
+
+def vocab_strings(tokenizer) -> list[str]:
+    """The tokenizer's vocabulary as strings in id order (the handshake compares these)."""
+    if tokenizer is None:
+        return []
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    return [by_id.get(i, "") for i in range(max(by_id) + 1)] if by_id else []
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def is_chain(parents: list[int]) -> bool:
+    return all(p == i - 1 for i, p in enumerate(parents))
+
+
+def tree_positions(parents: list[int], past_len: int) -> list[int]:
+    """Position of each node = past_len + its depth (the root, parents[0] = -1, has depth 0)."""
+    depth = []
+    for p in parents:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return [past_len + d for d in depth]
+
+
+def tree_attention_mask(parents: list[int], past_len: int) -> torch.Tensor:
+    """[1, 1, q, past_len + q] bool: every node sees the whole cache, its ancestors and itself."""
+    q = len(parents)
+    mask = torch.zeros(q, past_len + q, dtype=torch.bool)
+    mask[:, :past_len] = True
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i, past_len : past_len + q] = mask[p, past_len : past_len + q]
+        mask[i, past_len + i] = True
+    return mask[None, None]
+
+
+def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    # eager and others take an additive float mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+@torch.inference_mode()
+def forward(model, cache, tokens: list[int], positions: list[int], mask: torch.Tensor | None = None):
+    """One forward of ``tokens`` appended to ``cache``; ``mask`` [1, 1, q, past + q] bool or None
+    (plain causal). Returns (logits [q, vocab], hidden [q, d]); hidden is the last layer's output
+    after the final norm: the feature the draft head reads."""
+    device = model.device
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, q]
+    pos = torch.tensor([positions], dtype=torch.long, device=device)  # [1, q]
+    kwargs = {} if mask is None else {"attention_mask": _mask_for(model, mask, model.dtype).to(device)}
+    out = model.get_decoder()(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **kwargs)
+    hidden = out.last_hidden_state[0]  # [q, d]
+    return model.get_output_embeddings()(hidden), hidden
+
+
+def forward_tree(model, cache, tokens: list[int], parents: list[int], past_len: int):
+    """Forward over a token tree (parents[0] = -1) appended after ``past_len`` cached tokens.
+    A chain takes the plain causal path."""
+    mask = None if is_chain(parents) else tree_attention_mask(parents, past_len)
+    return forward(model, cache, tokens, tree_positions(parents, past_len), mask)
+
+
+def keep_cache_entries(cache, past_len: int, keep: list[int]) -> None:
+    """Compact the cache to ``past_len`` entries + the tree nodes in ``keep`` (relative indices)."""
+    total = cache.get_seq_length()
+    if keep == list(range(len(keep))):  # a prefix of the block: a crop does it
+        if total - past_len - len(keep) > 0:
+            cache.crop(-(total - past_len - len(keep)))
+        return
+    index = torch.tensor(list(range(past_len)) + [past_len + k for k in keep], dtype=torch.long)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
+        layer.values = layer.values.index_select(-2, index.to(layer.values.device))
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop every cache entry past ``length``."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

@@ -1,0 +1,52 @@
+"""Single-process reference of the whole method, written for clarity, not speed.
+
+No sockets, no target KV cache: every step runs the target over the full prefix plus the draft
+tree. The two-process fast path (client + verifier) is tested against this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import models, sampling
+from .client import Generation, GenerationStats
+from .config import DraftConfig
+from .drafter import DraftLM
+
+
+def speculative_generate(
+    target, draft, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
+    params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
+) -> Generation:
+    generator = torch.Generator().manual_seed(seed)
+    drafter = DraftLM(draft, draft_config)
+    stats = GenerationStats(n_prompt=len(prompt))
+
+    def target_choice(tokens, parents, logits):
+        if params.greedy:
+            return sampling.accept_greedy(tokens, parents, logits.argmax(-1).tolist())
+        return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), generator)
+
+    logits, _ = models.forward(target, None, prompt, list(range(len(prompt))))
+    _, first = target_choice([0], [-1], logits[-1:])
+    committed, out = list(prompt) + [first], [first]
+    while len(out) < max_new_tokens:
+        draft_tree = drafter.propose(committed, budget=max_new_tokens - len(out) - 1)
+        # the whole sequence as one tree: the prefix is a chain, the draft hangs below the root
+        prefix = len(committed) - 1
+        tokens = committed + draft_tree.tokens
+        parents = list(range(-1, prefix)) + [prefix + p for p in draft_tree.parents]
+        logits, _ = models.forward_tree(target, None, tokens, parents, 0)
+        tree_tokens = [committed[-1]] + draft_tree.tokens
+        tree_parents = [-1] + draft_tree.parents
+        path, bonus = target_choice(tree_tokens, tree_parents, logits[prefix:])
+        new = [tree_tokens[i] for i in path] + [bonus]
+        stats.n_steps += 1
+        stats.n_drafted += len(draft_tree)
+        stats.n_accepted += len(path)
+        take = new[: max_new_tokens - len(out)]
+        out += take
+        committed += take
+    stats.n_generated = len(out)
+    stats.tau = (stats.n_accepted + stats.n_steps) / max(stats.n_steps, 1)
+    return Generation(out, stats)

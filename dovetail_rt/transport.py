@@ -1,0 +1,104 @@
+"""ZeroMQ sockets: the one place for socket options, timeouts, size limits and disconnect watch."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from . import protocol
+from .protocol import Message
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost", "tcp://[::1]", "ipc://", "inproc://")
+
+
+class LinkError(RuntimeError):
+    """The peer is gone, silent past the timeout, or sent something unusable."""
+
+
+def _common(sock: zmq.Socket, max_bytes: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    # Hard cap per frame in the ZeroMQ engine (a peer that exceeds it is disconnected); the
+    # protocol's own, lower limit on whole messages answers with an ERROR instead.
+    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes)
+
+
+def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int) -> tuple[zmq.Socket, str]:
+    """The verifier's socket; returns it with the endpoint actually bound (port 0 -> real port)."""
+    if not endpoint.startswith(LOOPBACK_PREFIXES):
+        log.warning("listening on %s: reachable from other hosts; the link is not authenticated, "
+                    "use it only on a trusted network", endpoint)
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, max_bytes)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise LinkError(f"cannot listen on {endpoint}: {exc} (is another verifier using that port?)") from exc
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Connection:
+    """The draft side's link to one verifier: request/reply with a timeout and disconnect watch."""
+
+    def __init__(self, endpoint: str, timeout_s: float, max_bytes: int, ctx: zmq.Context | None = None):
+        self.endpoint, self.timeout_s, self.max_bytes = endpoint, timeout_s, max_bytes
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        _common(self.sock, max_bytes)
+        # ZMTP heartbeats: a peer host that dies without closing TCP is noticed within ~10 s.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.connected_once = False
+        self.seq = 0
+        self.sock.connect(endpoint)
+
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send one message and wait for the reply with the same seq. Raises LinkError."""
+        self.seq += 1
+        msg.seq = self.seq
+        self.sock.send_multipart(protocol.encode(msg), copy=False)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                hint = "" if self.connected_once else " (no connection was ever made: is `dovetail verifier` running there?)"
+                raise LinkError(f"verifier at {self.endpoint} did not answer within {timeout_s or self.timeout_s:.1f} s{hint}")
+            events = dict(poller.poll(timeout=left * 1000))
+            if self.monitor in events:
+                self._check_monitor()
+            if self.sock in events:
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    reply = protocol.decode(frames, self.max_bytes)
+                except protocol.ProtocolError as exc:
+                    raise LinkError(f"unusable reply from {self.endpoint}: {exc}") from exc
+                if reply.seq == self.seq:
+                    return reply
+                log.debug("dropping stale reply seq %d (waiting for %d)", reply.seq, self.seq)
+
+    def _check_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.connected_once = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                raise LinkError(f"verifier at {self.endpoint} closed the connection (it stopped or crashed)")
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.sock.close(0)

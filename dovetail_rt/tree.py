@@ -1,0 +1,53 @@
+"""Dynamic draft trees (EAGLE-2): grow by cumulative log-probability, keep the best nodes.
+
+Model-agnostic: the caller supplies ``expand(nodes, tokens, parents, depths)`` that runs the draft
+on the pool nodes ``nodes`` and returns their children's log-probs [len(nodes), vocab]. Node 0 is the root (the last committed token); returned trees use the wire layout:
+draft nodes 1..n with ``parents[i-1]`` in 0..i-1, parents before children, siblings best first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    tokens: list[int]  # draft nodes 1..n
+    parents: list[int]  # parent of node i at [i - 1]; 0 = the root
+    scores: list[float]  # cumulative draft log-probability of each node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def chain(tokens: list[int], scores: list[float] | None = None) -> "DraftTree":
+        return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
+
+
+def grow(root_logprobs: torch.Tensor, expand, top_k: int, depth: int, total_tokens: int) -> DraftTree:
+    """EAGLE-2 dynamic tree: for ``depth`` rounds expand the top-k children of the top-k frontier
+    nodes (by cumulative log-prob), then keep the best ``total_tokens - 1`` nodes.
+
+    root_logprobs: [vocab] draft log-probs after the root. ``expand`` gets node ids into the
+    growing pool (0 is the root) and the pool's tokens, parents and depths so far.
+    """
+    tokens, parents, scores, depths = [0], [-1], [0.0], [0]  # the pool; index 0 = root
+    logp, frontier = root_logprobs[None], [0]  # [n_frontier, vocab]
+    for d in range(depth):
+        top = torch.topk(logp, top_k, dim=-1)  # [n_frontier, k]
+        new = []
+        for row, node in enumerate(frontier):
+            for lp, tok in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                tokens.append(tok), parents.append(node), scores.append(scores[node] + lp), depths.append(d + 1)
+                new.append(len(tokens) - 1)
+        if d == depth - 1:
+            break
+        frontier = sorted(new, key=lambda n: -scores[n])[:top_k]
+        logp = expand(frontier, tokens, parents, depths)
+    # A child never outscores its parent (log-probs <= 0) and ties go to the older node, so the
+    # best nodes always include their ancestors.
+    keep = sorted(sorted(range(1, len(tokens)), key=lambda n: (-scores[n], n))[: total_tokens - 1])
+    new_id = {0: 0, **{old: i + 1 for i, old in enumerate(keep)}}
+    return DraftTree([tokens[n] for n in keep], [new_id[parents[n]] for n in keep], [scores[n] for n in keep])

@@ -1,0 +1,220 @@
+"""The CPU target side: sessions, prefill, one-pass tree verification, lossless acceptance.
+
+One process serves many draft sessions over a ROUTER socket, one request at a time (the CPU is
+the bottleneck; batching sessions is future work). Each session owns a KV cache that holds the
+committed tokens except the last one, the *root*, which the next VERIFY runs first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+from transformers import DynamicCache
+
+from . import models, protocol, sampling, transport
+from .config import VerifierConfig
+from .protocol import Message, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    id: int
+    identity: bytes
+    cache: DynamicCache | None = None
+    past_len: int = 0  # tokens in the cache
+    root: int | None = None  # last committed token, not yet run by the target
+    params: sampling.SamplingParams = sampling.SamplingParams()
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    want_features: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Verifier:
+    """Protocol handlers around one target model; ``serve`` runs them on a socket."""
+
+    def __init__(self, model, tokenizer, config: VerifierConfig, name: str = ""):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.name = name or config.model
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 20)
+        self.vocab = models.vocab_strings(tokenizer)
+        self.eos = models.eos_ids(model, tokenizer)
+        self.sessions: dict[int, Session] = {}
+
+    # ---- dispatch -------------------------------------------------------------------------
+    def handle(self, identity: bytes, msg: Message) -> Message:
+        handlers = {
+            MsgType.HELLO: self.on_hello, MsgType.START: self.on_start,
+            MsgType.VERIFY: self.on_verify, MsgType.END: self.on_end,
+        }
+        if msg.type not in handlers:
+            raise ProtocolError(f"the verifier does not accept {msg.type.name} messages", "bad_type")
+        try:
+            reply = handlers[msg.type](identity, msg)
+        except ProtocolError as exc:
+            exc.seq = msg.seq
+            raise
+        reply.seq = msg.seq
+        return reply
+
+    def session(self, identity: bytes, msg: Message) -> Session:
+        sid = protocol.get_int(msg, "session")
+        s = self.sessions.get(sid)
+        if s is None or s.identity != identity:
+            raise ProtocolError(f"unknown session {sid}: open one with HELLO first", "unknown_session")
+        s.last_used = time.monotonic()
+        return s
+
+    # ---- handlers ---------------------------------------------------------------------------
+    def on_hello(self, identity: bytes, msg: Message) -> Message:
+        draft_vocab = msg.fields.get("vocab") or []
+        if not isinstance(draft_vocab, list):
+            raise ProtocolError("'vocab' must be a list of token strings")
+        mismatch = tokenizer_mismatch(draft_vocab, self.vocab)
+        if mismatch:
+            raise ProtocolError(mismatch, "tokenizer_mismatch")
+        if len(self.sessions) >= self.config.max_sessions:
+            oldest = min(self.sessions.values(), key=lambda s: s.last_used)
+            log.info("session limit %d reached: closing idle session %d", self.config.max_sessions, oldest.id)
+            del self.sessions[oldest.id]
+        sid = secrets.randbits(62)
+        self.sessions[sid] = Session(sid, identity)
+        log.info("session %d opened (%d open)", sid, len(self.sessions))
+        return Message(MsgType.WELCOME, fields={
+            "session": sid, "model": self.name, "vocab_size": self.vocab_size,
+            "hidden_size": self.model.config.hidden_size, "dtype": str(self.model.dtype).removeprefix("torch."),
+            "eos": self.eos, "max_positions": self.max_positions, "max_draft_tokens": self.config.max_draft_tokens,
+        })
+
+    def on_start(self, identity: bytes, msg: Message) -> Message:
+        """New generation: prefill the prompt, sample the first token."""
+        s = self.session(identity, msg)
+        prompt = protocol.get_int_list(msg, "prompt", 0, self.vocab_size - 1, self.max_positions - 1)
+        if not prompt:
+            raise ProtocolError("the prompt is empty: send at least one token", "out_of_range")
+        s.params = sampling.SamplingParams(
+            temperature=protocol.get_float(msg, "temperature", 0.0, 100.0, 0.0),
+            top_k=protocol.get_int(msg, "top_k", 0, self.vocab_size, 0),
+            top_p=protocol.get_float(msg, "top_p", 1e-6, 1.0, 1.0),
+        )
+        seed = msg.fields.get("seed")
+        s.generator = torch.Generator().manual_seed(seed if isinstance(seed, int) else secrets.randbits(63))
+        s.want_features = bool(msg.fields.get("features", False))
+        t0 = time.perf_counter()
+        s.cache, s.past_len, s.root = DynamicCache(config=self.model.config), 0, None
+        logits, hidden = models.forward_tree(self.model, s.cache, prompt, list(range(-1, len(prompt) - 1)), 0)
+        s.past_len = len(prompt)
+        _, first = self._accept(s, [0], [-1], logits[-1:])
+        s.root = first
+        return self._result(s, [], first, hidden, time.perf_counter() - t0)
+
+    def on_verify(self, identity: bytes, msg: Message) -> Message:
+        """One forward over root + draft tree, acceptance, cache compaction."""
+        s = self.session(identity, msg)
+        if s.root is None:
+            raise ProtocolError("VERIFY before START: send the prompt first", "no_prompt")
+        limit = min(self.config.max_draft_tokens, self.max_positions - s.past_len - 2)
+        draft = protocol.get_int_list(msg, "tokens", 0, self.vocab_size - 1, max(limit, 0))
+        parents = protocol.get_int_list(msg, "parents", 0, len(draft), len(draft))
+        why = sampling.validate_tree(parents, len(draft))
+        if why:
+            raise ProtocolError(f"draft is not a tree: {why}", "bad_tree")
+        t0 = time.perf_counter()
+        # 1 forward: root + draft nodes, each seeing the cache and its own ancestors
+        tokens, tree = [s.root] + draft, [-1] + parents
+        try:
+            logits, hidden = models.forward_tree(self.model, s.cache, tokens, tree, s.past_len)  # [q, V], [q, d]
+        except Exception:
+            models.crop_cache(s.cache, s.past_len)
+            raise
+        # 2 accept: longest agreeing path + the target's own bonus token
+        path, bonus = self._accept(s, tokens, tree, logits)
+        # 3 commit: keep the root and the accepted path in the cache
+        keep = [0] + path
+        models.keep_cache_entries(s.cache, s.past_len, keep)
+        s.past_len += len(keep)
+        s.root = bonus
+        # 4 reply: accepted tokens, bonus, features of root + accepted positions
+        return self._result(s, [tokens[i] for i in path], bonus, hidden[keep], time.perf_counter() - t0)
+
+    def on_end(self, identity: bytes, msg: Message) -> Message:
+        s = self.session(identity, msg)
+        del self.sessions[s.id]
+        log.info("session %d closed (%d open)", s.id, len(self.sessions))
+        return Message(MsgType.BYE, fields={"session": s.id})
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _accept(self, s: Session, tokens, tree, logits) -> tuple[list[int], int]:
+        if s.params.greedy:
+            return sampling.accept_greedy(tokens, tree, logits.argmax(-1).tolist())
+        p = sampling.processed_probs(logits, s.params)  # [q, V]
+        return sampling.accept_sampling(tokens, tree, p, s.generator)
+
+    def _result(self, s: Session, accepted, bonus, hidden, seconds) -> Message:
+        msg = Message(MsgType.RESULT, fields={
+            "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.past_len,
+        })
+        if s.want_features:
+            msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
+        return msg
+
+    # ---- the socket loop ----------------------------------------------------------------------
+    def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
+        """Answer requests until ``should_stop()``; a bad request never stops the loop."""
+        while not should_stop():
+            if not sock.poll(poll_ms):
+                continue
+            identity, *body = sock.recv_multipart(copy=False)
+            reply = self.reply_to(identity.bytes, body)
+            try:
+                sock.send_multipart([identity, *protocol.encode(reply)], copy=False)
+            except zmq.ZMQError as exc:
+                log.warning("could not reply to peer %s (gone?): %s", identity.bytes.hex(), exc)
+
+    def reply_to(self, identity: bytes, body: list) -> Message:
+        msg = None
+        try:
+            msg = protocol.decode(body, self.config.link.max_message_bytes)
+            return self.handle(identity, msg)
+        except ProtocolError as exc:
+            log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
+            return protocol.error(exc.seq, exc.code, str(exc))
+        except Exception as exc:  # a failed forward must not take the other sessions down
+            log.exception("internal error while serving peer %s", identity.hex())
+            return protocol.error(msg.seq if msg else 0, "internal", f"{type(exc).__name__}: {exc}")
+
+
+def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:
+    """None when the vocabularies agree (or one side has none), else the first difference."""
+    if not draft or not target:
+        return None
+    for i, (d, t) in enumerate(zip(draft, target)):
+        if d != t:
+            return f"draft and target tokenizers differ at id {i}: {d!r} (draft) vs {t!r} (target)"
+    if len(draft) != len(target):
+        i = min(len(draft), len(target))
+        extra = draft[i] if len(draft) > i else target[i]
+        side = "draft" if len(draft) > i else "target"
+        return (f"draft and target tokenizers differ at id {i}: only the {side} has it ({extra!r}); "
+                f"sizes {len(draft)} (draft) vs {len(target)} (target)")
+    return None
+
+
+def memory_report(model) -> str:
+    import psutil
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    rss = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    return f"weights {weights:.2f} GiB, process RSS {rss:.2f} GiB"
+
+
+def open_socket(config: VerifierConfig) -> tuple[zmq.Socket, str]:
+    return transport.bind_router(zmq.Context.instance(), config.link.endpoint, config.link.max_message_bytes)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with dovetail_rt and its dependencies.
+#   bash launch/setup.sh          runtime only
+#   bash launch/setup.sh --dev    also the test tools (pytest, pytest-timeout, scipy)
+# On a machine without CUDA it installs the CPU build of torch 2.13.0, never a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${DOVETAIL_VENV:-.venv}"
+EXTRA=""
+[[ "${1:-}" == "--dev" ]] && EXTRA="[dev]"
+
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "${PIP[@]}" "torch>=2.6"
+  else
+    # The CPU wheel first, so no dependency resolution below pulls a multi-GB CUDA build.
+    "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${PIP[@]}" -e ".${EXTRA}"
+echo "dovetail_rt is installed in $VENV (activate with: source $VENV/bin/activate)"

@@ -1,0 +1,67 @@
+"""The two-process path over tcp://127.0.0.1 gives exactly the target's own greedy output."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dovetail_rt import Client
+from dovetail_rt.config import DraftConfig
+from dovetail_rt.reference import speculative_generate
+
+from conftest import noisy_copy
+
+PROMPTS = [[5], [5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30))]
+DRAFTS = {
+    "chain-1": DraftConfig(draft_max=1, p_min=0.0),
+    "chain-3": DraftConfig(draft_max=3, p_min=0.0),
+    "chain-6-adaptive": DraftConfig(draft_max=6, p_min=0.4),
+    "tree-2x3x6": DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6),
+    "tree-3x4x12": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=12),
+}
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def target_greedy(target, prompt, n):
+    out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", DRAFTS)
+def test_greedy_output_equals_target_only(verifier, target, name):
+    draft = noisy_copy(target, noise=0.3)
+    with Client(verifier=verifier.endpoint, draft=draft, draft_config=DRAFTS[name], timeout_s=30) as client:
+        n_accepted = 0
+        for prompt in PROMPTS:
+            expected = target_greedy(target, prompt, 40)
+            out = client.generate(prompt, max_new_tokens=40)
+            assert out.token_ids == expected, f"prompt {prompt}"
+            assert out.stats.n_generated == 40
+            n_accepted += out.stats.n_accepted
+    assert n_accepted > 0, "the draft never agreed: the test would not exercise acceptance"
+
+
+@pytest.mark.timeout(120)
+def test_reference_matches_two_process_path(verifier, target):
+    """The single-process reference and the fast path agree token for token and step for step."""
+    draft = noisy_copy(target, noise=0.3)
+    cfg = DRAFTS["tree-3x4x12"]
+    with Client(verifier=verifier.endpoint, draft=draft, draft_config=cfg, timeout_s=30) as client:
+        for prompt in PROMPTS[:2]:
+            fast = client.generate(prompt, max_new_tokens=30)
+            ref = speculative_generate(target, draft, prompt, 30, cfg)
+            assert fast.token_ids == ref.token_ids
+            assert (fast.stats.n_steps, fast.stats.n_accepted) == (ref.stats.n_steps, ref.stats.n_accepted)
+
+
+@pytest.mark.timeout(120)
+def test_identical_draft_is_fully_accepted(verifier, target):
+    with Client(verifier=verifier.endpoint, draft=noisy_copy(target, 0.0),
+                draft_config=DraftConfig(draft_max=4, p_min=0.0), timeout_s=30) as client:
+        out = client.generate([3, 4, 5], max_new_tokens=21)
+    assert out.stats.n_accepted == out.stats.n_drafted
+    assert out.stats.tau == pytest.approx(5.0)
