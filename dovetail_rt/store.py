@@ -34,6 +34,7 @@ class Release:
     parts: int
     size: int
     sha256: str
+    extra_eos: tuple[str, ...] = ("<|endoftext|>",)  # Qwen2.5 ends raw completions with it
 
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
@@ -140,7 +141,12 @@ def assemble_gguf(release: Release, dest: Path) -> Path:
     return gguf
 
 
-def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32") -> None:
+def _eos_ids(tokenizer, extra: tuple[str, ...]) -> list[int]:
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in extra if t in tokenizer.get_vocab()]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", extra_eos: tuple[str, ...] = ()) -> None:
     """Dequantize a GGUF once into a safetensors folder (config, weights, tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -153,11 +159,14 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32") -> None:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         bar.update()
         # save_pretrained refuses a GGUF-loaded model: rebuild from its config and copy the weights.
-        config = AutoConfig.for_model(**model.config.to_dict())
+        settings = model.config.to_dict()
+        settings.pop("quantization_config", None)  # the folder holds plain dequantized weights
+        config = AutoConfig.for_model(**settings)
         clean = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         clean.load_state_dict(model.state_dict())
         del model
         clean.generation_config = clean.generation_config.__class__.from_model_config(config)
+        clean.generation_config.eos_token_id = _eos_ids(tokenizer, extra_eos)
         clean.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         bar.update()
@@ -182,7 +191,7 @@ def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True) 
         gguf = gguf_dir / f"{name}.gguf"
         if not (gguf.exists() and gguf.stat().st_size == release.size and _sha256(gguf) == release.sha256):
             gguf = assemble_gguf(release, gguf_dir)
-        convert_gguf(gguf, out_dir)
+        convert_gguf(gguf, out_dir, extra_eos=release.extra_eos)
         if not keep_gguf:
             gguf.unlink()
         done.append(out_dir)
