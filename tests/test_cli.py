@@ -1,0 +1,93 @@
+"""The `dovetail` command line on tiny models: run, json, stats, Ctrl-C, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, noisy_copy, save_model, tiny_target, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    draft_dir = save_model(noisy_copy(target, 0.3), tiny_tokenizer(), tmp_path_factory.mktemp("tiny_draft"))
+    return tiny_dir, draft_dir
+
+
+def dovetail(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DOVETAIL_HOME=str(kw.pop("home", ROOT / ".nonexistent-home")))
+    return subprocess.run([sys.executable, "-m", "dovetail_rt.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120, **kw)
+
+
+@pytest.mark.timeout(180)
+def test_run_json_equals_streamed_run(pair):
+    target, draft = pair
+    common = ["run", "-m", str(target), "-md", str(draft), "--dtype", "float32", "-t", "1",
+              "--prompt", "w5 w7 w9", "-n", "24", "--draft-p-min", "0"]
+    res = dovetail(*common, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["n_generated"] == len(out["token_ids"]) == 24
+    assert set(out) >= {"text", "token_ids", "n_prompt", "n_generated", "n_drafted", "n_accepted", "tau",
+                        "seconds", "tok_per_s", "timings"}
+    assert out["n_prompt"] == 3 and set(out["timings"]) >= {"draft_s", "verify_s", "link_s"}
+    res = dovetail(*common)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == out["text"].strip()
+    for key in ("n_drafted", "n_accept", "accept", "tau", "tok/s", "draft", "verify", "link"):
+        assert key in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_both_processes(pair):
+    target, draft = pair
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "dovetail_rt.cli", "run", "-m", str(target), "-md", str(draft),
+                             "--dtype", "float32", "-t", "1", "--prompt", "w1", "-n", "100000", "--ignore-eos"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(20)  # generation is streaming
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the verifier child should be running"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    _, still = psutil.wait_procs(children, timeout=15)
+    assert not still, "orphan verifier left behind"
+
+
+@pytest.mark.timeout(120)
+def test_verifier_death_during_run_is_reported(pair):
+    target, draft = pair
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "dovetail_rt.cli", "run", "-m", str(target), "-md", str(draft),
+                             "--dtype", "float32", "-t", "1", "--prompt", "w1", "-n", "100000", "--ignore-eos",
+                             "--timeout", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(20)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    t0 = time.monotonic()
+    assert proc.wait(timeout=30) == 1
+    assert time.monotonic() - t0 < 25
+    assert "verifier" in proc.stderr.read()
+
+
+def test_missing_default_models_say_how_to_install(tmp_path):
+    res = dovetail("run", "--prompt", "hi", home=tmp_path)
+    assert res.returncode == 2
+    assert "dovetail models install" in res.stderr
+
+
+def test_help_teaches():
+    res = dovetail("--help")
+    assert res.returncode == 0 and "examples:" in res.stdout and "dovetail run" in res.stdout
+    res = dovetail("generate", "--help")
+    assert "--draft-p-min" in res.stdout and "--verifier" in res.stdout

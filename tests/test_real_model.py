@@ -1,0 +1,42 @@
+"""The default real pair (Qwen2.5-Coder 1.5B target, 0.5B draft), float32, over a real socket."""
+
+import pytest
+import torch
+
+from dovetail_rt import Client, data, store
+from dovetail_rt.config import DraftConfig, dovetail_home
+
+from conftest import VerifierProcess
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def installed():
+    home = dovetail_home()
+    for name in (store.DEFAULT_TARGET, store.DEFAULT_DRAFT):
+        if not store.is_installed(home, name):
+            pytest.fail(f"{name} is not installed in {home}: run `dovetail models install` first")
+    return home
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("draft_config", [DraftConfig(), DraftConfig(tree_top_k=2, tree_depth=4, tree_tokens=8)],
+                         ids=["chain", "tree"])
+def test_default_pair_greedy_equals_target(installed, draft_config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target_dir = store.model_dir(installed, store.DEFAULT_TARGET)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    prompt = tokenizer(data.humaneval()[0].text, add_special_tokens=False)["input_ids"]
+    verifier = VerifierProcess(target_dir, dtype="float32")
+    try:
+        with Client(verifier=verifier.endpoint, draft=store.DEFAULT_DRAFT, draft_config=draft_config,
+                    timeout_s=300, home=installed) as client:
+            out = client.generate(prompt, max_new_tokens=32)
+    finally:
+        verifier.stop()
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    expected = target.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert out.token_ids == expected
+    assert out.stats.n_accepted > 0
