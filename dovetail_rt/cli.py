@@ -49,8 +49,9 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="draft LM with the target's tokenizer: short name, folder, .gguf or HF id"
                    + ("" if model_required else f" (default {store.DEFAULT_DRAFT})"))
     g.add_argument("--device-draft", default="auto", choices=["auto", "cuda", "cpu"], help="where the draft runs (auto: cuda if present)")
-    g.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="draft dtype (auto: float16 on CUDA, float32 on the CPU)")
+    g.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16"],
+                   help="draft precision (auto: float16 on CUDA, int8 dynamic quantization on the CPU); "
+                        "it never changes the output, only speed and acceptance")
     d = DraftConfig()
     g.add_argument("--draft-max", type=int, default=d.draft_max, help=f"most draft tokens per step (default {d.draft_max})")
     g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")

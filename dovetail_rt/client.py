@@ -81,13 +81,13 @@ class Client:
         tokenizer=None,
         draft_config: DraftConfig = DraftConfig(),
         timeout_s: float = LinkConfig.timeout_s,
-        dtype: str = "float32",
+        dtype: str = "auto",
         home: Path | None = None,
     ):
         self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s)
         self.device = resolve_device(device)
         if isinstance(draft, (str, Path)):
-            model, loaded_tok = models.load_model(str(draft), home or dovetail_home(), models.resolve_dtype(dtype, self.device), self.device)
+            model, loaded_tok = models.load_draft(str(draft), home or dovetail_home(), dtype, self.device)
             tokenizer = tokenizer or loaded_tok
         else:
             model = draft.to(self.device).eval()
