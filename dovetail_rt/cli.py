@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_verifier_options(p, model_required=False)
     add_draft_options(p, model_required=False)
 
+    p = sub.add_parser("bench", help="benchmark against the target alone and HF assisted generation",
+                       description="Side-by-side tokens/s, speedup, tau, acceptance, TTFT and identical-output rate "
+                                   "on real prompt sets, all systems interleaved prompt by prompt in one run.")
+    p.add_argument("-m", "--model", default=store.DEFAULT_TARGET, help=f"target (default {store.DEFAULT_TARGET})")
+    p.add_argument("-md", "--model-draft", default=store.DEFAULT_DRAFT, help=f"draft (default {store.DEFAULT_DRAFT})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for every system")
+    p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16"],
+                   help="draft precision, the same for hf-assisted and dovetail (auto: int8 on the CPU)")
+    p.add_argument("--systems", default="target,hf,hf-assisted,dovetail",
+                   help="comma list from target, hf, hf-assisted, dovetail (default: all)")
+    p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
+    p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
+    p.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10; 0 = all)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="new tokens per prompt (default 128)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", default="bench/results", help="folder for the results JSON and PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--verify-curve", action="store_true",
+                   help="instead: time one target forward over q = 1..32 new tokens (chain and tree masks) per dtype; "
+                        "the draft side sizes its drafts from the saved curve")
+    p.add_argument("--curve-dtypes", default="float32,bfloat16", help="dtypes for --verify-curve (default float32,bfloat16)")
+
     p = sub.add_parser("models", help="install or list the default real models")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
@@ -131,7 +153,7 @@ def cmd_verifier(args) -> int:
     import torch
 
     from . import models
-    from .verifier import Verifier, memory_report, open_socket
+    from .verifier import Verifier, load_verify_curve, memory_report, open_socket
 
     torch.set_num_threads(where.threads)
     config = VerifierConfig(model=args.model, home=dovetail_home(), dtype=args.dtype, max_sessions=args.max_sessions,
@@ -139,11 +161,14 @@ def cmd_verifier(args) -> int:
     dtype = models.resolve_dtype(config.dtype)
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(config.model, config.home, dtype)
-    verifier = Verifier(model, tokenizer, config)
+    dtype_name = str(dtype).removeprefix("torch.")
+    curve = load_verify_curve(config.home, config.model, dtype_name)
+    verifier = Verifier(model, tokenizer, config, verify_curve=curve)
     sock, endpoint = open_socket(config)
     print(f"dovetail verifier: {config.model} ({str(dtype).removeprefix('torch.')}) loaded in {time.perf_counter() - t0:.1f} s\n"
           f"  placement: {where.describe()} (torch threads {torch.get_num_threads()})\n"
           f"  memory:    {memory_report(model)}\n"
+          f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
           f"  listening: {endpoint}", file=sys.stderr, flush=True)
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as ready:
@@ -226,36 +251,64 @@ def stats_block(st, target: dict) -> str:
 
 def cmd_run(args) -> int:
     """One host: the verifier as a child process, the draft side here."""
+    from .launcher import VerifierChild
+
     store.resolve(args.model, dovetail_home())  # a clear error before anything starts
     store.resolve(args.model_draft, dovetail_home())
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", args.model, "--dtype", args.dtype,
-           "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "--exit-with-parent",
-           "--max-sessions", str(args.max_sessions)]
+    extra = ["--max-sessions", str(args.max_sessions)]
     for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
         if value is not None:
-            cmd += [flag, str(value)]
-    child = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as ready:
-            endpoint = ready.readline().strip()
-        if not endpoint:
-            code = child.wait()
-            raise SystemExit(f"dovetail: the verifier exited (code {code}) before it was ready; see its messages above")
-        return cmd_generate(args, endpoint)
-    finally:
-        _stop_child(child)
+            extra += [flag, str(value)]
+    with VerifierChild(args.model, args.dtype, extra) as child:
+        return cmd_generate(args, child.endpoint)
 
 
-def _stop_child(child: subprocess.Popen) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def cmd_bench(args) -> int:
+    from .bench import harness, report
+
+    args.command_line = "dovetail " + " ".join(sys.argv[1:])
+    if args.verify_curve:
+        return cmd_verify_curve(args)
+    results = harness.run(args, dovetail_home())
+    stem = time.strftime("bench-%Y%m%d-%H%M%S")
+    out_dir = Path(args.out)
+    path = report.write(results, out_dir, stem)
+    if not args.no_plots:
+        results["plots"] = report.plots(results, out_dir, stem)
+        report.write(results, out_dir, stem)
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
+          f"target {m['target_dtype']}, -n {results['n_new_tokens']}, temp {results['temperature']}")
+    for name, d in results["datasets"].items():
+        print(report.table(name, d["summary"]))
+    print(f"results: {path}")
+    print(json.dumps({"results_file": str(path), "datasets": {k: v["summary"] for k, v in results["datasets"].items()}}))
+    return 0
+
+
+def cmd_verify_curve(args) -> int:
+    from .bench import curve, report
+
+    result = curve.run(args.model, dovetail_home(), [d.strip() for d in args.curve_dtypes.split(",")])
+    result["command"], result["machine"] = args.command_line, report.machine_info(args.curve_dtypes)
+    stem = time.strftime("verify-curve-%Y%m%d-%H%M%S")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        png = out_dir / f"{stem}.png"
+        curve.plot(result, png, f"{args.model} on {result['machine']['cpu']}, {result['context']}-token context")
+        result["plot"] = str(png)
+    path = report.write(result, out_dir, stem)
+    curve.save_for_drafts(result, dovetail_home())
+    for dtype, curves in result["curves"].items():
+        print(f"{dtype}: ms per forward over q new tokens ({args.model}, {result['context']}-token context)")
+        print("   q  " + " ".join(f"{q:>6d}" for q in sorted(curves["chain"])))
+        for shape in ("chain", "tree"):
+            row = [f"{1000 * curves[shape][q]:6.0f}" if q in curves[shape] else "     -" for q in sorted(curves["chain"])]
+            print(f"{shape:6s}" + " ".join(row))
+    print(f"results: {path}")
+    print(json.dumps({"results_file": str(path), "curves": result["curves"]}))
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -274,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "models": cmd_models}
+    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "models": cmd_models,
+                "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

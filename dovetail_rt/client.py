@@ -16,7 +16,7 @@ import torch
 
 from . import models, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
-from .drafter import DraftLM
+from .drafter import DraftLM, Feedback, NoDraft
 from .protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,10 @@ class Generation:
     stats: GenerationStats
 
 
-def make_drafter(model, config: DraftConfig):
-    """The draft kind for a loaded draft model (the feature head plugs in here)."""
-    return DraftLM(model, config)
+def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
+    """The draft kind for a loaded draft model (the feature head plugs in here); None = no draft:
+    the target decodes one token per step (the baseline the bench calls `target`)."""
+    return NoDraft() if model is None else DraftLM(model, config, verify_curve)
 
 
 class Client:
@@ -86,13 +87,14 @@ class Client:
     ):
         self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s)
         self.device = resolve_device(device)
-        if isinstance(draft, (str, Path)):
+        if draft is None:
+            model = None
+        elif isinstance(draft, (str, Path)):
             model, loaded_tok = models.load_draft(str(draft), home or dovetail_home(), dtype, self.device)
             tokenizer = tokenizer or loaded_tok
         else:
             model = draft.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.drafter = make_drafter(model, draft_config)
         self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes)
         self.session = None
         try:
@@ -100,6 +102,7 @@ class Client:
         except BaseException:
             self.conn.close()
             raise
+        self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
 
     # ---- session ------------------------------------------------------------------------------
     def _request(self, msg: Message) -> Message:
@@ -159,7 +162,7 @@ class Client:
             "top_k": int(top_k), "top_p": float(top_p), "seed": seed, "features": self.drafter.wants_features,
         }))
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
-        self.drafter.observe(reply.tensors.get("features"))
+        self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, out = list(input_ids), []
         done = self._emit([reply.fields["bonus"]], out, committed, max_new_tokens, eos, on_tokens)
         while not done:
@@ -174,8 +177,8 @@ class Client:
             t3 = time.perf_counter()
             # 3 commit: accepted tokens + the target's bonus token
             accepted = reply.fields["accepted"]
-            self.drafter.observe(reply.tensors.get("features"))
             verify_s = float(reply.fields.get("verify_s", 0.0))
+            self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
             stats.timings.draft_s += t2 - t1
             stats.timings.verify_s += verify_s
             stats.timings.link_s += max(0.0, t3 - t2 - verify_s)

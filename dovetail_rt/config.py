@@ -52,14 +52,17 @@ class VerifierConfig:
 class DraftConfig:
     """How the draft side proposes tokens.
 
-    Chains (tree_top_k = 1): up to draft_max tokens, stopping early once draft_min are drafted and
-    the draft's top probability falls under p_min. Trees (tree_top_k > 1): EAGLE-2 style dynamic
+    Chains (tree_top_k = 1): up to draft_max tokens; past draft_min, a chain grows while one more
+    token raises the expected tokens/s (cost.py: measured verification curve, draft time,
+    acceptance); before those are measured, or with adaptive off, it stops when the draft's top
+    probability falls under p_min. Trees (tree_top_k > 1): EAGLE-2 style dynamic
     trees of tree_depth rounds keeping the best tree_tokens - 1 draft nodes.
     """
 
-    draft_max: int = 6
+    draft_max: int = 8
     draft_min: int = 0
     p_min: float = 0.4
+    adaptive: bool = True  # size chains from the cost model once it has measurements
     tree_top_k: int = 1
     tree_depth: int = 4
     tree_tokens: int = 8

@@ -1,10 +1,10 @@
 """The draft side's proposers. A drafter turns the committed tokens into a draft tree.
 
-Every draft kind implements the same two calls, so the loop in ``client.py`` never changes:
+Every draft kind implements the same calls, so the loop in ``client.py`` never changes:
 
     propose(committed, budget) -> DraftTree   (at most ``budget`` draft nodes)
-    observe(features)                         (target features of the newly committed tokens;
-                                               kinds that set wants_features = False ignore them)
+    observe(feedback)                         (what the last step gave: target features of the newly
+                                               committed tokens, counts and timings)
     reset()                                   (a new generation starts)
 """
 
@@ -15,9 +15,23 @@ import math
 import torch
 from transformers import DynamicCache
 
+from dataclasses import dataclass
+
 from . import models, tree
 from .config import DraftConfig
+from .cost import CostModel
 from .tree import DraftTree
+
+
+@dataclass
+class Feedback:
+    """What one verifier reply tells the draft side."""
+
+    features: torch.Tensor | None = None  # [n, hidden] float16 target features, when asked for
+    n_drafted: int = 0
+    n_accepted: int = 0
+    verify_s: float = 0.0
+    draft_s: float = 0.0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,25 +42,47 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+class NoDraft:
+    """Proposes nothing: every step is one plain target decode step."""
+
+    wants_features = False
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, feedback: Feedback) -> None:
+        pass
+
+    def propose(self, committed: list[int], budget: int) -> DraftTree:
+        return DraftTree.chain([])
+
+
 class DraftLM:
     """A standalone small LM that shares the target's tokenizer (e.g. Qwen2.5-Coder-0.5B).
 
     Its KV cache holds a prefix of the committed tokens; each round it runs the tokens the
     cache lacks, then drafts greedily (deterministic drafts: no probabilities cross the wire).
+    Chains are as long as the cost model says pays off (expected tokens/s from the measured
+    verification curve, draft time and acceptance), capped by draft_max; until it has its
+    measurements, the draft's confidence (p_min) decides.
     """
 
     wants_features = False
 
-    def __init__(self, model, config: DraftConfig):
+    def __init__(self, model, config: DraftConfig, verify_curve: dict | None = None):
         self.model, self.config = model, config
+        self.cost = CostModel(verify_curve)
+        self.last_predicted = 0.0
         self.reset()
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache
 
-    def observe(self, features) -> None:
-        pass
+    def observe(self, feedback: Feedback) -> None:
+        if feedback.n_drafted or feedback.verify_s:
+            self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
+                              feedback.verify_s, feedback.draft_s)
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
@@ -66,19 +102,26 @@ class DraftLM:
         return logits[-1]
 
     def _chain(self, logits: torch.Tensor, budget: int) -> DraftTree:
-        """Greedy chain; stop early when the draft's confidence falls under p_min."""
-        cfg = self.config
-        tokens, scores = [], []
+        """Greedy chain, extended while one more token raises the expected tokens per second."""
+        cfg, cost = self.config, self.cost
+        tokens, scores, p_all = [], [], []  # p_all[j]: estimated P(first j+1 tokens accepted)
         while len(tokens) < min(budget, cfg.draft_max):
             logp = logits.float().log_softmax(-1)
             lp, tok = (t.item() for t in logp.max(-1))
-            if len(tokens) >= cfg.draft_min and lp < _log(cfg.p_min):
-                break
+            p_next = min(1.0, (p_all[-1] if p_all else 1.0) * math.exp(lp) * cost.calibration)
+            if len(tokens) >= cfg.draft_min:
+                if cost.ready and cfg.adaptive:
+                    if cost.rate(p_all + [p_next]) < cost.rate(p_all):
+                        break
+                elif lp < _log(cfg.p_min):
+                    break
             tokens.append(tok)
             scores.append((scores[-1] if scores else 0.0) + lp)
+            p_all.append(p_next)
             if len(tokens) < min(budget, cfg.draft_max):
                 logits, _ = models.forward(self.model, self.cache, [tok], [len(self.cached)])
                 self.cached.append(tok)
+        self.last_predicted = sum(p_all)
         return DraftTree.chain(tokens, scores)
 
     def _tree(self, committed: list[int], logits: torch.Tensor, budget: int) -> DraftTree:

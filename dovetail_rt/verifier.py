@@ -40,8 +40,9 @@ class Session:
 class Verifier:
     """Protocol handlers around one target model; ``serve`` runs them on a socket."""
 
-    def __init__(self, model, tokenizer, config: VerifierConfig, name: str = ""):
+    def __init__(self, model, tokenizer, config: VerifierConfig, name: str = "", verify_curve: dict | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.verify_curve = verify_curve  # {q: seconds} measured on this machine, sent to drafts
         self.name = name or config.model
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 20)
@@ -92,6 +93,7 @@ class Verifier:
             "session": sid, "model": self.name, "vocab_size": self.vocab_size,
             "hidden_size": self.model.config.hidden_size, "dtype": str(self.model.dtype).removeprefix("torch."),
             "eos": self.eos, "max_positions": self.max_positions, "max_draft_tokens": self.config.max_draft_tokens,
+            "verify_curve": {str(q): t for q, t in (self.verify_curve or {}).items()},
         })
 
     def on_start(self, identity: bytes, msg: Message) -> Message:
@@ -205,6 +207,20 @@ def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:
         side = "draft" if len(draft) > i else "target"
         return (f"draft and target tokenizers differ at id {i}: only the {side} has it ({extra!r}); "
                 f"sizes {len(draft)} (draft) vs {len(target)} (target)")
+    return None
+
+
+def load_verify_curve(home, model: str, dtype: str) -> dict | None:
+    """This machine's measured chain curve for the model and dtype, if `dovetail bench --verify-curve` ran."""
+    import json
+
+    path = home / "verify_curve.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("model") == model and dtype in saved.get("curves", {}):
+            return {int(q): float(t) for q, t in saved["curves"][dtype]["chain"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable verification curve %s", path)
     return None
 
 

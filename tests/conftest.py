@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dovetail_rt.launcher import VerifierChild
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,31 +57,11 @@ def save_model(model, tokenizer, path: Path) -> Path:
     return path
 
 
-class VerifierProcess:
-    """`dovetail verifier` in a child process on tcp://127.0.0.1 with a free port."""
+class VerifierProcess(VerifierChild):
+    """`dovetail verifier` on a tiny model in a child process (one thread), float32 by default."""
 
     def __init__(self, model_dir: Path, *extra: str, dtype: str = "float32"):
-        read_fd, write_fd = os.pipe()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", str(model_dir), "--dtype", dtype,
-             "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "-t", "1", *extra],
-            pass_fds=(write_fd,), env=env, stdin=subprocess.DEVNULL,
-        )
-        os.close(write_fd)
-        with os.fdopen(read_fd) as ready:
-            self.endpoint = ready.readline().strip()
-        if not self.endpoint:
-            raise RuntimeError(f"verifier exited with {self.proc.wait()} before it was ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
 @pytest.fixture(scope="session")

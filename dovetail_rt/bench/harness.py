@@ -1,0 +1,95 @@
+"""One bench run: every system on every prompt, interleaved prompt by prompt, in one process tree."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import data, models, store
+from ..config import DraftConfig
+from ..launcher import VerifierChild
+from . import report
+from .systems import DovetailSystem, HFSystem
+
+log = logging.getLogger(__name__)
+
+ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail")
+# Every draft mode the runtime has, one row each.
+DOVETAIL_MODES = {
+    "dovetail-chain": DraftConfig(),
+    "dovetail-tree": DraftConfig(tree_top_k=2, tree_depth=4, tree_tokens=8),
+}
+
+
+def load_prompts(dataset: str | None, prompts_file: str | None, limit: int, tokenizer) -> tuple[str, list]:
+    if prompts_file:
+        items = []
+        for i, line in enumerate(Path(prompts_file).read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                items.append(data.Prompt(str(rec.get("id", i)), rec["prompt"], bool(rec.get("chat", False))))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{prompts_file} line {i + 1}: expected {{\"prompt\": ..., \"chat\": bool, \"id\": ...}}: {exc}")
+        name = Path(prompts_file).stem
+    else:
+        items, name = data.load(dataset), dataset
+    from ..client import encode_prompt
+
+    items = items[:limit] if limit else items
+    return name, [(p.id, encode_prompt(tokenizer, p.text, p.chat)) for p in items]
+
+
+def run(args, home: Path) -> dict:
+    """Run the bench described by CLI ``args``; returns the results dict (also written to disk)."""
+    import torch
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in systems if s not in ALL_SYSTEMS]
+    if bad:
+        raise ValueError(f"unknown systems {bad}; choose from {', '.join(ALL_SYSTEMS)}")
+    target_dtype = models.resolve_dtype(args.dtype)
+    dtype_name = str(target_dtype).removeprefix("torch.")
+    draft_model, tokenizer = models.load_draft(args.model_draft, home, args.draft_dtype, "cpu")
+    datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
+    prompt_sets = [load_prompts(d, args.prompts, args.limit, tokenizer) for d in datasets]
+    eos = None
+    results = {"command": args.command_line, "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
+               "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
+    with VerifierChild(args.model, dtype_name) as child:
+        active = []
+        if "target" in systems:
+            active.append(DovetailSystem("target", child.endpoint, None, tokenizer, DraftConfig()))
+        if "hf" in systems or "hf-assisted" in systems:
+            hf_target, _ = models.load_model(args.model, home, target_dtype)
+            eos = models.eos_ids(hf_target, tokenizer)
+            if "hf" in systems:
+                active.append(HFSystem("hf", hf_target, eos=eos))
+            if "hf-assisted" in systems:
+                active.append(HFSystem("hf-assisted", hf_target, assistant=draft_model, eos=eos))
+        if "dovetail" in systems:
+            for name, cfg in DOVETAIL_MODES.items():
+                active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
+        try:
+            # warm-up: one short generation each (not measured)
+            for s in active:
+                s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
+            for name, prompts in prompt_sets:
+                runs = {s.name: [] for s in active}
+                for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
+                    for s in active:  # interleaved: every system sees the machine in the same state
+                        runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
+                ref_name = "target" if "target" in runs else ("hf" if "hf" in runs else None)
+                reference = dict(enumerate(r.token_ids for r in runs[ref_name])) if ref_name and args.temp == 0 else None
+                summary = report.summarize(runs, "target" if "target" in runs else None, reference)
+                results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,
+                                             "identical_reference": ref_name}
+        finally:
+            for s in active:
+                s.close()
+    return results

@@ -1,0 +1,121 @@
+"""Aggregate bench runs into figures, a table, a results file and plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+
+
+def machine_info(dtype: str) -> dict:
+    import psutil
+    import torch
+    import transformers
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    isa = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or f in ("vnni",)]
+    return {"cpu": cpu, "cores": psutil.cpu_count(logical=False), "threads": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "isa": sorted(isa),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "target_dtype": dtype, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    if not values:
+        return 0.0, 0.0, 0.0
+    v = sorted(values)
+    return statistics.median(v), v[0], v[-1]
+
+
+def summarize(runs: dict[str, list], baseline: str | None, reference: dict[int, list[int]] | None) -> dict:
+    """runs[system] = [Run per prompt, same prompt order]; speedups are per prompt vs ``baseline``."""
+    out = {}
+    for name, rs in runs.items():
+        tps = [r.decode_tok_per_s for r in rs]
+        med, lo, hi = _spread(tps)
+        row = {"prompts": len(rs), "decode_tok_s_median": med, "decode_tok_s_min": lo, "decode_tok_s_max": hi,
+               "e2e_tok_s_median": statistics.median([len(r.token_ids) / r.seconds for r in rs]) if rs else 0.0,
+               "ttft_s_median": statistics.median([r.ttft_s for r in rs]) if rs else 0.0,
+               "new_tokens_total": sum(len(r.token_ids) for r in rs)}
+        if baseline in runs and name != baseline:
+            ratios = [a.decode_tok_per_s / b.decode_tok_per_s for a, b in zip(rs, runs[baseline]) if b.decode_tok_per_s > 0]
+            row["speedup_vs_target_median"], row["speedup_min"], row["speedup_max"] = _spread(ratios)
+        elif name == baseline:
+            row["speedup_vs_target_median"] = 1.0
+        steps = sum(r.n_steps for r in rs)
+        if any(r.n_steps for r in rs) and any(r.n_drafted for r in rs):
+            drafted, accepted = sum(r.n_drafted for r in rs), sum(r.n_accepted for r in rs)
+            row["tau"] = (accepted + steps) / steps
+            row["accept_pct"] = 100 * accepted / drafted if drafted else 0.0
+        if steps:
+            for key in ("draft_s", "verify_s", "link_s"):
+                row[f"{key[:-2]}_ms_per_step"] = 1000 * sum(r.timings.get(key, 0.0) for r in rs) / steps
+        if reference:
+            same = [r.token_ids == reference[i] for i, r in enumerate(rs) if i in reference]
+            row["identical_pct"] = 100 * sum(same) / len(same) if same else None
+        out[name] = row
+    return out
+
+
+def table(dataset: str, summary: dict) -> str:
+    head = (f"{'system':22s} {'tok/s med':>9s} {'[min-max]':>13s} {'speedup':>8s} {'tau':>5s} {'acc%':>5s} "
+            f"{'ttft s':>6s} {'same%':>5s} {'draft|verify|link ms/step':>26s}")
+    lines = [f"dataset: {dataset}", head, "-" * len(head)]
+    for name, r in summary.items():
+        split = (f"{r['draft_ms_per_step']:.0f}|{r['verify_ms_per_step']:.0f}|{r['link_ms_per_step']:.1f}"
+                 if "verify_ms_per_step" in r else "-")
+        lines.append(
+            f"{name:22s} {r['decode_tok_s_median']:9.2f} {r['decode_tok_s_min']:6.2f}-{r['decode_tok_s_max']:<6.2f} "
+            f"{r.get('speedup_vs_target_median', float('nan')):7.2f}x {r.get('tau', float('nan')):5.2f} "
+            f"{r.get('accept_pct', float('nan')):5.1f} {r['ttft_s_median']:6.2f} "
+            f"{(r.get('identical_pct') if r.get('identical_pct') is not None else float('nan')):5.0f} {split:>26s}")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
+    """Speedup bars per dataset and tokens/s per system (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    datasets = list(results["datasets"])
+    systems = sorted({s for d in datasets for s in results["datasets"][d]["summary"]})
+    for metric, label, fname in (("speedup_vs_target_median", "speedup over target (median per prompt)", "speedup"),
+                                 ("decode_tok_s_median", "decode tokens/s (median)", "tok_s")):
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(systems), 3.6))
+        width = 0.8 / max(len(datasets), 1)
+        for i, d in enumerate(datasets):
+            summ = results["datasets"][d]["summary"]
+            vals = [summ.get(s, {}).get(metric, 0.0) or 0.0 for s in systems]
+            bars = ax.bar([x + i * width for x in range(len(systems))], vals, width, label=d)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks([x + width * (len(datasets) - 1) / 2 for x in range(len(systems))], systems, rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}", fontsize=8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{fname}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def write(results: dict, out_dir: Path, stem: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path

@@ -1,0 +1,42 @@
+"""Start `dovetail verifier` as a child process on this host and stop it on every exit path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+class VerifierChild:
+    """The verifier in a child process listening on a free 127.0.0.1 port.
+
+    The child reports its endpoint through a pipe once it listens (no sleeps, no polling), and
+    dies with its parent (PR_SET_PDEATHSIG + a parent check), so nothing is left orphaned.
+    """
+
+    def __init__(self, model: str, dtype: str = "auto", extra: list[str] | None = None, env: dict | None = None):
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", model, "--dtype", dtype,
+               "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "--exit-with-parent", *(extra or [])]
+        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as ready:
+            self.endpoint = ready.readline().strip()
+        if not self.endpoint:
+            code = self.proc.wait()
+            raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages above")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "VerifierChild":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,44 @@
+"""`dovetail bench` on tiny models: it runs, prints a table, and its last line is the JSON summary."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, noisy_copy, save_model, tiny_tokenizer
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    draft_dir = save_model(noisy_copy(target, 0.3), tiny_tokenizer(), tmp_path / "draft")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": f"w{i + 3} w{i + 5} w7"}) for i in range(3)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "dovetail_rt.cli", "bench", "-m", str(tiny_dir), "-md", str(draft_dir),
+         "--dtype", "float32", "--draft-dtype", "float32", "--systems", "target,hf,hf-assisted,dovetail",
+         "--prompts", str(prompts), "-n", "16", "--out", str(tmp_path / "results")],
+        capture_output=True, text=True, env=env, timeout=280,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    lines = res.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])["datasets"]["prompts"]
+    assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", "dovetail-tree"}
+    assert summary["target"]["speedup_vs_target_median"] == 1.0
+    for name in ("hf", "hf-assisted", "dovetail-chain", "dovetail-tree"):
+        assert summary[name]["speedup_vs_target_median"] > 0
+        assert summary[name]["prompts"] == 3
+    # greedy and float32: every system reproduces the target's tokens
+    assert summary["dovetail-chain"]["identical_pct"] == 100 and summary["hf"]["identical_pct"] == 100
+    assert summary["dovetail-tree"]["tau"] >= 1.0
+    assert any("speedup" in line for line in lines)
+    written = json.loads(open(json.loads(lines[-1])["results_file"]).read())
+    assert written["machine"]["target_dtype"] == "float32" and len(written["plots"]) == 2
+    assert all(os.path.exists(p) for p in written["plots"])
