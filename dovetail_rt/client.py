@@ -16,7 +16,7 @@ import torch
 
 from . import models, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
-from .drafter import DraftLM, Feedback, NoDraft
+from .drafter import DraftLM, Feedback, HeadDrafter, NoDraft
 from .protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,29 @@ class Generation:
 
 
 def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
-    """The draft kind for a loaded draft model (the feature head plugs in here); None = no draft:
-    the target decodes one token per step (the baseline the bench calls `target`)."""
-    return NoDraft() if model is None else DraftLM(model, config, verify_curve)
+    """The draft kind for a loaded draft: a feature head, a standalone LM, or None = no draft
+    (the target decodes one token per step: the baseline the bench calls `target`)."""
+    from .draft_head import DraftHead
+
+    if model is None:
+        return NoDraft()
+    if isinstance(model, DraftHead):
+        return HeadDrafter(model, config)
+    return DraftLM(model, config, verify_curve)
+
+
+def load_draft(spec, home: Path, dtype: str, device: str):
+    """-> (draft model, tokenizer or None): a head folder is detected by its config."""
+    from . import draft_head, store
+
+    path = Path(str(spec)).expanduser()
+    if path.is_dir() and draft_head.is_head_folder(path):
+        head = draft_head.load_head(path, home, models.resolve_dtype("float32" if dtype in ("auto", "int8") else dtype, device), device)
+        target_dir, _ = store.resolve(head.config.target, home)
+        from transformers import AutoTokenizer
+
+        return head, AutoTokenizer.from_pretrained(target_dir)
+    return models.load_draft(str(spec), home, dtype, device)
 
 
 class Client:
@@ -90,7 +110,7 @@ class Client:
         if draft is None:
             model = None
         elif isinstance(draft, (str, Path)):
-            model, loaded_tok = models.load_draft(str(draft), home or dovetail_home(), dtype, self.device)
+            model, loaded_tok = load_draft(draft, home or dovetail_home(), dtype, self.device)
             tokenizer = tokenizer or loaded_tok
         else:
             model = draft.to(self.device).eval()

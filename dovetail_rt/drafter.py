@@ -159,3 +159,74 @@ def _ancestors(n: int, parents: list[int]) -> set[int]:
 
 def _log(p: float) -> float:
     return float("-inf") if p <= 0 else math.log(p)
+
+
+class HeadDrafter:
+    """The Dovetail feature head: drafts from the target's own last-layer features.
+
+    The head's KV cache holds one entry per committed *pair* (feature f_i, token x_{i+1}), built
+    from the true target features the verifier sends back; draft-tree entries use the head's own
+    predicted features and are dropped after each proposal.
+    """
+
+    wants_features = True
+
+    def __init__(self, head, config: DraftConfig):
+        from transformers import DynamicCache
+
+        self.head, self.config = head, config
+        self._new_cache = lambda: DynamicCache(config=head.trunk.config)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self._new_cache()
+        self.features = None  # [n, d] target features of committed[0 .. n-1]
+        self.n_pairs = 0  # committed pairs in the cache
+
+    def observe(self, feedback: Feedback) -> None:
+        if feedback.features is not None:
+            f = feedback.features.to(self.head.lm_head.weight.device)
+            self.features = f if self.features is None else torch.cat([self.features, f])
+
+    def _run(self, f, x, positions, mask=None):
+        dev = self.head.lm_head.weight.device
+        fhat = self.head(f[None].to(dev), torch.tensor([x], device=dev),
+                         torch.tensor([positions], device=dev), self.cache,
+                         None if mask is None else mask[None, None].to(dev))[0]  # [n, d]
+        return fhat, self.head.lm_head(fhat).float().log_softmax(-1)  # [n, d], [n, vocab]
+
+    @torch.inference_mode()
+    def propose(self, committed: list[int], budget: int) -> DraftTree:
+        cfg = self.config
+        n = len(committed) - 1  # pairs available: (f_i, x_{i+1}) for i < n
+        if self.features is None or self.features.shape[0] < n:
+            raise RuntimeError("the verifier sent no features: the head needs them (features=True in START)")
+        models.crop_cache(self.cache, self.n_pairs)
+        fhat, logp = self._run(self.features[self.n_pairs : n], committed[self.n_pairs + 1 : n + 1],
+                               list(range(self.n_pairs, n)))
+        self.n_pairs = n
+        if budget <= 0:
+            return DraftTree.chain([])
+        node_fhat = {0: fhat[-1]}  # pool node -> its predicted feature
+        fed: list[int] = []
+
+        def expand(nodes, tokens, parents, depths) -> torch.Tensor:
+            mask = torch.zeros(len(nodes), n + len(fed) + len(nodes), dtype=torch.bool)  # [q, kv]
+            mask[:, :n] = True
+            for row, node in enumerate(nodes):
+                ancestors = _ancestors(node, parents)
+                for slot, m in enumerate(fed):
+                    mask[row, n + slot] = m in ancestors
+                mask[row, n + len(fed) + row] = True
+            f_in = torch.stack([node_fhat[parents[node]] for node in nodes])  # [q, d]
+            out, lp = self._run(f_in, [tokens[node] for node in nodes], [n + depths[node] - 1 for node in nodes], mask)
+            for row, node in enumerate(nodes):
+                node_fhat[node] = out[row]
+            fed.extend(nodes)
+            return lp
+
+        top_k = cfg.tree_top_k
+        depth, total = (cfg.tree_depth, cfg.tree_tokens) if top_k > 1 else (cfg.draft_max, cfg.draft_max + 1)
+        draft = tree.grow(logp[-1], expand, top_k, depth, min(total, budget + 1))
+        models.crop_cache(self.cache, n)
+        return draft
