@@ -131,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "the draft side sizes its drafts from the saved curve")
     p.add_argument("--curve-dtypes", default="float32,bfloat16", help="dtypes for --verify-curve (default float32,bfloat16)")
 
+    p = sub.add_parser("train-head", help="train a Dovetail draft head on target features",
+                       description="Extract the target's last-layer features over a corpus (teacher forcing, cached, "
+                                   "resumable), then train a feature-level draft head (DGF or fc fusion).")
+    p.add_argument("-m", "--model", default=store.DEFAULT_TARGET, help=f"target (default {store.DEFAULT_TARGET})")
+    p.add_argument("--data", default="sharegpt", help="sharegpt (its training slice) or FILE.jsonl ({\"text\"} or {\"messages\"} a line)")
+    p.add_argument("--out", required=True, help="head folder to write (config.json + model.safetensors); resumes if present")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers in the head, 1..6 (default 1)")
+    p.add_argument("--fusion", default="dgf", choices=["dgf", "fc"], help="Dynamic Gating Fusion, or EAGLE's fc (ablation)")
+    p.add_argument("--max-tokens", type=int, default=200_000, help="tokens of target features to extract (default 200k)")
+    p.add_argument("--max-len", type=int, default=1024, help="longest conversation in tokens (default 1024)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the extracted tokens (default 1)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default 3e-5, the paper's)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    p.add_argument("--no-init-from-target", action="store_true", help="random layers instead of the target's last ones")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="training device (auto: cuda if present)")
+    p.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for extraction")
+
     p = sub.add_parser("models", help="install or list the default real models")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
@@ -311,6 +328,35 @@ def cmd_verify_curve(args) -> int:
     return 0
 
 
+def cmd_train_head(args) -> int:
+    import torch
+
+    from . import models, train_head
+    from .client import resolve_device
+
+    home = dovetail_home()
+    target_dir, _ = store.resolve(args.model, home)
+    dtype = models.resolve_dtype(args.extract_dtype)
+    feats = train_head.feature_dir(home, args.model, args.data, str(dtype), args.max_len)
+    target, tokenizer = models.load_model(args.model, home, dtype)
+    manifest = train_head.extract(target, tokenizer, args.data, feats, args.max_tokens, args.max_len)
+    del target
+    print(f"features: {manifest['tokens']} tokens from {manifest['records']} records in {feats}", file=sys.stderr)
+    seqs = train_head.load_sequences(feats)
+    out = Path(args.out)
+    head = train_head.build_head(args.model, Path(target_dir), args.layers, args.fusion, not args.no_init_from_target)
+    cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup)
+    meta = train_head.train(head, seqs, out, cfg, resolve_device(args.device),
+                            {"target": args.model, "data": args.data, "feature_tokens": manifest["tokens"],
+                             "extract_dtype": str(dtype), "init_from_target": not args.no_init_from_target,
+                             "command": "dovetail " + " ".join(sys.argv[1:])})
+    last = meta["history"][-1]
+    print(json.dumps({"out": str(out), "steps": meta["steps"], "train_tokens_per_epoch": meta["train_tokens_per_epoch"],
+                      "heldout_top1": last["heldout_top1"], "loss": last["loss"], "wall_s": round(meta["wall_s"], 1),
+                      "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
 def cmd_models(args) -> int:
     home = dovetail_home()
     if args.models_command == "list":
@@ -328,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "models": cmd_models,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "train-head": cmd_train_head}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
