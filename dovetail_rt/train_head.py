@@ -65,7 +65,7 @@ def feature_dir(home: Path, target: str, data_spec: str, dtype: str, max_len: in
 
 @torch.inference_mode()
 def extract(target, tokenizer, data_spec: str, out: Path, max_tokens: int, max_len: int = 1024,
-            shard_tokens: int = 65536) -> dict:
+            shard_tokens: int = 16384) -> dict:
     """Store target features for up to ``max_tokens`` tokens; resumes where a previous run stopped."""
     from safetensors.torch import save_file
 

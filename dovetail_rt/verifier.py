@@ -215,6 +215,8 @@ def load_verify_curve(home, model: str, dtype: str) -> dict | None:
     import json
 
     path = home / "verify_curve.json"
+    if not path.exists():
+        return None
     try:
         saved = json.loads(path.read_text())
         if saved.get("model") == model and dtype in saved.get("curves", {}):

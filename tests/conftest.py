@@ -61,7 +61,7 @@ class VerifierProcess(VerifierChild):
     """`dovetail verifier` on a tiny model in a child process (one thread), float32 by default."""
 
     def __init__(self, model_dir: Path, *extra: str, dtype: str = "float32"):
-        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
 
 
 @pytest.fixture(scope="session")

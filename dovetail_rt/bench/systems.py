@@ -94,3 +94,63 @@ class HFSystem:
 
     def close(self) -> None:
         pass
+
+
+class LlamaCppSystem:
+    """llama.cpp on the same GGUF weights (a baseline, found in $DOVETAIL_HOME/llama.cpp).
+
+    `llamacpp` runs llama-completion (target alone), `llamacpp-spec` llama-speculative-simple
+    with the same draft GGUF. Timings are llama.cpp's own (model load excluded). Its output is
+    text: token ids come from re-tokenizing it, so the identical-output rate is text-based.
+    """
+
+    def __init__(self, name: str, bin_dir, target_gguf, draft_gguf, tokenizer, threads: int, draft_max: int = 3):
+        self.name, self.bin_dir, self.tokenizer = name, bin_dir, tokenizer
+        self.target_gguf, self.draft_gguf, self.threads, self.draft_max = target_gguf, draft_gguf, threads, draft_max
+
+    def generate(self, ids: list[int], n: int, temperature: float, seed: int) -> Run:
+        import re
+        import subprocess
+        import tempfile
+
+        text = self.tokenizer.decode(ids)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(text)
+        common = ["-m", str(self.target_gguf), "-f", f.name, "-n", str(n), "-t", str(self.threads), "--temp", str(temperature),
+                  "--seed", str(seed), "-c", "4096", "--no-warmup"]
+        if self.name == "llamacpp":
+            cmd = [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt"]
+        else:
+            cmd = [str(self.bin_dir / "llama-speculative-simple"), *common, "-md", str(self.draft_gguf),
+                   "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        log = proc.stderr
+        if self.name == "llamacpp":
+            p_ms, _ = _grab(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
+            e_ms, runs = _grab(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", log)
+            out_text = proc.stdout.replace("[end of text]", "")
+            first = p_ms / 1000 + (e_ms / 1000 / runs if runs else 0.0)
+            toks = self.tokenizer(out_text, add_special_tokens=False)["input_ids"][:n]
+            # seconds chosen so that decode tok/s equals llama.cpp's own eval rate
+            return Run(toks, first + (len(toks) - 1) * (e_ms / 1000 / max(runs, 1)), first)
+        enc_s = float(re.search(r"encoded\s+\d+ tokens in\s+([\d.]+) seconds", log).group(1))
+        n_dec, dec_s = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log).groups()
+        drafted = int(re.search(r"n_drafted = (\d+)", log).group(1))
+        accepted = int(re.search(r"n_accept\s+= (\d+)", log).group(1))
+        out_text = proc.stdout.split(text, 1)[-1] if text in proc.stdout else proc.stdout
+        toks = self.tokenizer(out_text.strip("\n"), add_special_tokens=False)["input_ids"][:n]
+        return Run(toks, enc_s + float(dec_s), enc_s, n_drafted=drafted, n_accepted=accepted)
+
+    def close(self) -> None:
+        pass
+
+
+def _grab(pattern: str, text: str) -> tuple[float, int]:
+    import re
+
+    m = re.search(pattern, text)
+    if not m:
+        raise RuntimeError(f"llama.cpp printed no '{pattern}' line")
+    return float(m.group(1)), int(m.group(2))
