@@ -56,7 +56,8 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
     g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")
     g.add_argument("--draft-p-min", type=float, default=d.p_min,
                    help=f"stop a chain when the draft's top probability falls under this (default {d.p_min})")
-    g.add_argument("--tree-top-k", type=int, default=d.tree_top_k, help="> 1 drafts EAGLE-2 dynamic trees with this branching (default 1: chains)")
+    g.add_argument("--tree-top-k", type=int, default=None,
+                   help="branching of EAGLE-2 dynamic trees; 1 = chains (default: chains for a small LM, 4 for a head)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
     g.add_argument("--tree-tokens", type=int, default=d.tree_tokens, help=f"tokens per verified tree, root included (default {d.tree_tokens})")
 
@@ -116,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for every system")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16"],
                    help="draft precision, the same for hf-assisted and dovetail (auto: int8 on the CPU)")
-    p.add_argument("--systems", default="target,hf,hf-assisted,dovetail",
-                   help="comma list from target, hf, hf-assisted, dovetail (default: all)")
+    p.add_argument("--systems", default="target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec",
+                   help="comma list from target, hf, hf-assisted, dovetail, llamacpp, llamacpp-spec (default: all; "
+                        "llama.cpp rows need bash bench/build_llamacpp.sh)")
+    p.add_argument("--head", default=None, help="draft head folder(s), comma separated: extra dovetail rows")
+    p.add_argument("--head-trees", default=None, help="tree shapes for head rows, TOPK:DEPTH:TOKENS,... (default 4:5:8)")
     p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
     p.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10; 0 = all)")
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the extracted tokens (default 1)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default 3e-5, the paper's)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    p.add_argument("--eval-every", type=int, default=200, help="held-out evaluation and checkpoint every N steps (default 200)")
+    p.add_argument("--no-autocast", action="store_true", help="train in float32 instead of bfloat16 autocast")
     p.add_argument("--no-init-from-target", action="store_true", help="random layers instead of the target's last ones")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="training device (auto: cuda if present)")
     p.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for extraction")
@@ -345,7 +351,8 @@ def cmd_train_head(args) -> int:
     seqs = train_head.load_sequences(feats)
     out = Path(args.out)
     head = train_head.build_head(args.model, Path(target_dir), args.layers, args.fusion, not args.no_init_from_target)
-    cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup)
+    cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
+                                 ckpt_every=args.eval_every, autocast=not args.no_autocast)
     meta = train_head.train(head, seqs, out, cfg, resolve_device(args.device),
                             {"target": args.model, "data": args.data, "feature_tokens": manifest["tokens"],
                              "extract_dtype": str(dtype), "init_from_target": not args.no_init_from_target,

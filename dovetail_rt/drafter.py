@@ -161,6 +161,9 @@ def _log(p: float) -> float:
     return float("-inf") if p <= 0 else math.log(p)
 
 
+HEAD_TOP_K = 4  # heads draft trees unless told --tree-top-k 1
+
+
 class HeadDrafter:
     """The Dovetail feature head: drafts from the target's own last-layer features.
 
@@ -225,7 +228,7 @@ class HeadDrafter:
             fed.extend(nodes)
             return lp
 
-        top_k = cfg.tree_top_k
+        top_k = HEAD_TOP_K if cfg.tree_top_k is None else cfg.tree_top_k
         depth, total = (cfg.tree_depth, cfg.tree_tokens) if top_k > 1 else (cfg.draft_max, cfg.draft_max + 1)
         draft = tree.grow(logp[-1], expand, top_k, depth, min(total, budget + 1))
         models.crop_cache(self.cache, n)

@@ -136,6 +136,13 @@ class TrainConfig:
     eval_every: int = 200
     ckpt_every: int = 200
     seed: int = 0
+    autocast: bool = True  # bfloat16 autocast (CUDA, or a CPU with AVX-512 BF16 / AMX); master weights stay float32
+
+
+def _autocast(cfg: TrainConfig, device: str):
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    enabled = cfg.autocast and (kind == "cuda" or models.cpu_has_bf16())
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def head_loss(head: DraftHead, tokens: torch.Tensor, feats: torch.Tensor, cfg: TrainConfig, train: bool):
@@ -169,7 +176,8 @@ def evaluate(head, heldout, cfg: TrainConfig, device) -> float:
     head.eval()
     hits = total = 0
     for tokens, feats in heldout:
-        _, h, n = head_loss(head, tokens.to(device), feats.to(device), cfg, train=False)
+        with _autocast(cfg, device):
+            _, h, n = head_loss(head, tokens.to(device), feats.to(device), cfg, train=False)
         hits, total = hits + h, total + n
     head.train()
     return hits / max(total, 1)
@@ -203,7 +211,8 @@ def train(head: DraftHead, seqs, out: Path, cfg: TrainConfig, device: str = "cpu
     run_loss = run_hits = run_n = 0.0
     for step in bar:
         tokens, feats = train_set[step % len(train_set)]
-        loss, hits, n = head_loss(head, tokens.to(device), feats.to(device), cfg, train=True)
+        with _autocast(cfg, device):
+            loss, hits, n = head_loss(head, tokens.to(device), feats.to(device), cfg, train=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

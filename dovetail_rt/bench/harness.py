@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,16 +14,45 @@ from .. import data, models, store
 from ..config import DraftConfig
 from ..launcher import VerifierChild
 from . import report
-from .systems import DovetailSystem, HFSystem
+from .systems import DovetailSystem, HFSystem, LlamaCppSystem
 
 log = logging.getLogger(__name__)
 
-ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail")
+ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "llamacpp", "llamacpp-spec")
 # Every draft mode the runtime has, one row each.
 DOVETAIL_MODES = {
     "dovetail-chain": DraftConfig(),
     "dovetail-tree": DraftConfig(tree_top_k=2, tree_depth=4, tree_tokens=8),
 }
+
+
+MAX_PROMPT_TOKENS = 1024  # prompts longer than this are skipped (a few ShareGPT first turns)
+
+
+def head_modes(args) -> dict[str, DraftConfig]:
+    """Head rows: the default tree, plus every tree size asked for with --head-trees TOPK:DEPTH:TOKENS,..."""
+    modes = {}
+    for spec in (args.head_trees or "4:5:8").split(","):
+        k, d, t = (int(x) for x in spec.split(":"))
+        modes[f"dovetail-head-t{t}d{d}k{k}"] = DraftConfig(tree_top_k=k, tree_depth=d, tree_tokens=t)
+    return modes
+
+
+def client_load_draft(spec, home):
+    from ..client import load_draft
+
+    return load_draft(spec, home, "float32", "cpu")
+
+
+def llamacpp_parts(home: Path, target: str, draft: str):
+    """(bin_dir, target_gguf, draft_gguf) or why llama.cpp cannot run."""
+    bin_dir = home / "llama.cpp" / "build" / "bin"
+    if not (bin_dir / "llama-completion").exists():
+        return f"no llama.cpp build in {bin_dir}: run bash bench/build_llamacpp.sh"
+    t, d = home / "gguf" / f"{target}.gguf", home / "gguf" / f"{draft}.gguf"
+    if not t.exists() or not d.exists():
+        return f"llama.cpp needs the GGUF files {t} and {d} (installed with the default models)"
+    return bin_dir, t, d
 
 
 def load_prompts(dataset: str | None, prompts_file: str | None, limit: int, tokenizer) -> tuple[str, list]:
@@ -41,8 +71,9 @@ def load_prompts(dataset: str | None, prompts_file: str | None, limit: int, toke
         items, name = data.load(dataset), dataset
     from ..client import encode_prompt
 
-    items = items[:limit] if limit else items
-    return name, [(p.id, encode_prompt(tokenizer, p.text, p.chat)) for p in items]
+    encoded = [(p.id, encode_prompt(tokenizer, p.text, p.chat)) for p in items[: (limit * 3 if limit else None)]]
+    encoded = [(pid, ids) for pid, ids in encoded if len(ids) <= MAX_PROMPT_TOKENS]  # long ShareGPT turns
+    return name, encoded[:limit] if limit else encoded
 
 
 def run(args, home: Path) -> dict:
@@ -75,6 +106,18 @@ def run(args, home: Path) -> dict:
         if "dovetail" in systems:
             for name, cfg in DOVETAIL_MODES.items():
                 active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
+            for head_dir in [h for h in (args.head or "").split(",") if h]:
+                head, _ = client_load_draft(head_dir, home)
+                for name, cfg in head_modes(args).items():
+                    active.append(DovetailSystem(f"{name}-{Path(head_dir).name}", child.endpoint, head, tokenizer, cfg))
+        for name in ("llamacpp", "llamacpp-spec"):
+            if name in systems:
+                found = llamacpp_parts(home, args.model, args.model_draft)
+                if isinstance(found, str):
+                    log.warning("skipping %s: %s", name, found)
+                    print(f"skipping {name}: {found}", file=sys.stderr)
+                else:
+                    active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1))
         try:
             # warm-up: one short generation each (not measured)
             for s in active:

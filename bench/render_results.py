@@ -1,0 +1,113 @@
+"""Write bench/RESULTS.md from the newest result files in bench/results/ (or the ones named).
+
+    python bench/render_results.py [--bench FILE] [--curve FILE] [--gpu FILE] > bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def newest(pattern: str) -> Path | None:
+    files = sorted(RESULTS.glob(pattern))
+    return files[-1] if files else None
+
+
+def rel(path: str) -> str:
+    p = Path(path)
+    return f"results/{p.name}"
+
+
+def bench_section(res: dict) -> list[str]:
+    m = res["machine"]
+    out = [f"## Side by side ({', '.join(res['datasets'])})", "",
+           f"Command: `{res['command']}`  ",
+           f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
+           f"torch {m['torch']}, transformers {m['transformers']}; target dtype {m['target_dtype']}; "
+           f"greedy {res['temperature'] == 0}, {res['n_new_tokens']} new tokens per prompt.", ""]
+    for name, d in res["datasets"].items():
+        out += [f"### {name} ({len(d['prompts'])} prompts; identical-output reference: `{d['identical_reference']}`)", "",
+                "| system | decode tok/s median [min-max] | speedup vs target (median per prompt) | tau | accept % | TTFT s | identical % | draft / verify / link ms per step |",
+                "|---|---|---|---|---|---|---|---|"]
+        for sys_name, r in d["summary"].items():
+            split = (f"{r['draft_ms_per_step']:.0f} / {r['verify_ms_per_step']:.0f} / {r['link_ms_per_step']:.1f}"
+                     if "verify_ms_per_step" in r else "-")
+            tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+            acc = f"{r['accept_pct']:.1f}" if "accept_pct" in r else "-"
+            same = f"{r['identical_pct']:.0f}" if r.get("identical_pct") is not None else "-"
+            sp = r.get("speedup_vs_target_median")
+            out.append(f"| {sys_name} | {r['decode_tok_s_median']:.2f} [{r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}] | "
+                       f"{sp:.2f}x | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |" if sp is not None else
+                       f"| {sys_name} | {r['decode_tok_s_median']:.2f} | - | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |")
+        out.append("")
+    for plot in res.get("plots", []):
+        out.append(f"![{Path(plot).stem}]({rel(plot)})")
+    return out + [""]
+
+
+def curve_section(res: dict) -> list[str]:
+    out = ["## Verification cost curve T_V(q)", "", f"Command: `{res['command']}`  ",
+           f"Model {res['model']}, {res['context']}-token cached context, median of {res['reps']} after a warm-up; "
+           f"machine {res['machine']['cpu']}.", ""]
+    for dtype, curves in res["curves"].items():
+        qs = sorted(int(q) for q in curves["chain"])
+        out += [f"**{dtype}** (ms)", "", "| q | " + " | ".join(map(str, qs)) + " |", "|---" * (len(qs) + 1) + "|"]
+        for shape in ("chain", "tree"):
+            row = [f"{1000 * curves[shape][str(q)]:.0f}" if str(q) in curves[shape] else "-" for q in qs]
+            out.append(f"| {shape} | " + " | ".join(row) + " |")
+        out.append("")
+    if res.get("plot"):
+        out.append(f"![verify curve]({rel(res['plot'])})")
+    return out + [""]
+
+
+def gpu_section(res: dict) -> list[str]:
+    out = [f"## GPU check ({res['gpu']}, {res['cpu_cores']} CPU cores)", "",
+           "Command: `bash bench/gpu_check.sh OUT` on a lent machine (random weights of the real shapes for timing).", "",
+           f"Lossless with the head on CUDA and the verifier on the CPU: {res['lossless']}", "",
+           "| head shape | layers | tree (top-k, depth, tokens) | draft step ms (median) |", "|---|---|---|---|"]
+    for shape, rows in res["head_timing"].items():
+        for h in rows:
+            out.append(f"| {shape} | {h['layers']} | {h['top_k']}, {h['depth']}, {h['tree_tokens']} | {h['draft_ms_median']:.1f} |")
+    out += ["", "CPU verification of a 7B-shaped target on that machine's cores (ms):", "",
+            "| dtype | " + " | ".join(f"q={q}" for q in res["cpu_curve_7B"][0]["chain_ms"]) + " |",
+            "|---" * (len(res["cpu_curve_7B"][0]["chain_ms"]) + 1) + "|"]
+    for c in res["cpu_curve_7B"]:
+        out.append(f"| {c['dtype']} | " + " | ".join(f"{t:.0f}" for t in c["chain_ms"].values()) + " |")
+    out += ["", "Projection for LLaMA-2-7B there: tok/s = tau / (draft + verify(tree tokens) + 1 ms link):", "",
+            "| target dtype | head layers | tree tokens | tau | CPU-only tok/s | Dovetail tok/s | speedup |", "|---|---|---|---|---|---|---|"]
+    for p in res["projection_7B"]:
+        out.append(f"| {p['target_dtype']} | {p['head_layers']} | {p['tree_tokens']} | {p['tau']:.1f} | {p['cpu_only_tok_s']:.2f} | "
+                   f"{p['dovetail_tok_s']:.2f} | {p['speedup']:.2f}x |")
+    return out + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bench", nargs="*", default=None)
+    ap.add_argument("--curve", default=None)
+    ap.add_argument("--gpu", default=None)
+    ap.add_argument("--notes", default=None, help="a markdown file appended at the end (reading of the numbers)")
+    args = ap.parse_args()
+    lines = ["# dovetail_rt benchmark results", "",
+             "Regenerate with `bash bench/run_all.sh` (all numbers below come from the files in `bench/results/`, "
+             "written by the commands shown; nothing is typed in by hand).", ""]
+    for f in args.bench or [p for p in [newest("bench-*.json")] if p]:
+        lines += bench_section(json.loads(Path(f).read_text()))
+    curve = args.curve or newest("verify-curve-*.json")
+    if curve:
+        lines += curve_section(json.loads(Path(curve).read_text()))
+    gpu = args.gpu or newest("gpu_check-*.json")
+    if gpu:
+        lines += gpu_section(json.loads(Path(gpu).read_text()))
+    if args.notes:
+        lines += [Path(args.notes).read_text()]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
