@@ -117,9 +117,9 @@ class LlamaCppSystem:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(text)
         common = ["-m", str(self.target_gguf), "-f", f.name, "-n", str(n), "-t", str(self.threads), "--temp", str(temperature),
-                  "--seed", str(seed), "-c", "4096", "--no-warmup"]
+                  "--seed", str(seed), "-c", "4096"]
         if self.name == "llamacpp":
-            cmd = [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt"]
+            cmd = [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt", "--no-warmup"]
         else:
             cmd = [str(self.bin_dir / "llama-speculative-simple"), *common, "-md", str(self.draft_gguf),
                    "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
@@ -140,7 +140,8 @@ class LlamaCppSystem:
         drafted = int(re.search(r"n_drafted = (\d+)", log).group(1))
         accepted = int(re.search(r"n_accept\s+= (\d+)", log).group(1))
         out_text = proc.stdout.split(text, 1)[-1] if text in proc.stdout else proc.stdout
-        toks = self.tokenizer(out_text.strip("\n"), add_special_tokens=False)["input_ids"][:n]
+        out_text = out_text[:-2] if out_text.endswith("\n\n") else out_text  # its closing blank line
+        toks = self.tokenizer(out_text, add_special_tokens=False)["input_ids"][:n]
         return Run(toks, enc_s + float(dec_s), enc_s, n_drafted=drafted, n_accepted=accepted)
 
     def close(self) -> None:

@@ -1,0 +1,39 @@
+"""The draft-length cost model: interpolation of T_V(q) and the expected-throughput rule."""
+
+import pytest
+
+from dovetail_rt.cost import CostModel
+
+# bf16 1.5B forward times on the 2-core dev machine (DESIGN.md section 4), seconds
+CURVE = {1: 0.218, 2: 0.239, 4: 0.286, 8: 0.371, 16: 0.512}
+
+
+def test_verify_time_interpolates_and_extrapolates():
+    cost = CostModel(CURVE)
+    assert cost.verify_time(4) == pytest.approx(0.286)
+    assert cost.verify_time(3) == pytest.approx((0.239 + 0.286) / 2)
+    assert cost.verify_time(32) == pytest.approx(0.512 + 16 * (0.512 - 0.371) / 8)
+
+
+def test_not_ready_until_draft_time_is_measured():
+    cost = CostModel(CURVE)
+    assert not cost.ready
+    cost.observe(n_drafted=3, n_accepted=2, predicted=2.0, verify_s=0.28, draft_s=0.16)
+    assert cost.ready and cost.t_draft == pytest.approx(0.04)
+
+
+def test_longer_drafts_pay_only_while_acceptance_is_likely():
+    cost = CostModel(CURVE)
+    cost.observe(3, 3, 3.0, 0.28, 0.16)  # 40 ms per draft token
+    confident = [0.95 ** (j + 1) for j in range(8)]
+    unsure = [0.3 ** (j + 1) for j in range(8)]
+    best = lambda p: max(range(9), key=lambda k: cost.rate(p[:k]))
+    assert best(confident) >= 5
+    assert best(unsure) <= 1
+
+
+def test_calibration_follows_observed_acceptance():
+    cost = CostModel(CURVE)
+    for _ in range(20):
+        cost.observe(4, 1, 3.0, 0.3, 0.2)  # predicted 3 accepted, got 1
+    assert cost.calibration == pytest.approx(1 / 3, rel=0.05)
