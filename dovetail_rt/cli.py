@@ -56,6 +56,8 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
     g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")
     g.add_argument("--draft-p-min", type=float, default=d.p_min,
                    help=f"stop a chain when the draft's top probability falls under this (default {d.p_min})")
+    g.add_argument("--no-cost-model", action="store_true",
+                   help="size chains by --draft-p-min only, not by the expected-tokens/s cost model")
     g.add_argument("--tree-top-k", type=int, default=None,
                    help="branching of EAGLE-2 dynamic trees; 1 = chains (default: chains for a small LM, 4 for a head)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
@@ -79,6 +81,7 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
 
 def draft_config(args) -> DraftConfig:
     return DraftConfig(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min,
+                       adaptive=not args.no_cost_model,
                        tree_top_k=args.tree_top_k, tree_depth=args.tree_depth, tree_tokens=args.tree_tokens)
 
 

@@ -11,10 +11,13 @@ from dovetail_rt.reference import speculative_generate
 from conftest import noisy_copy
 
 PROMPTS = [[5], [5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30))]
+# adaptive=False: fixed rules (p_min), so every case surely drafts; "chain-cost-model" lets the
+# timing-driven cost model size the chains (it may draft little on tiny models: equality only).
 DRAFTS = {
-    "chain-1": DraftConfig(draft_max=1, p_min=0.0),
-    "chain-3": DraftConfig(draft_max=3, p_min=0.0),
-    "chain-6-adaptive": DraftConfig(draft_max=6, p_min=0.4),
+    "chain-1": DraftConfig(draft_max=1, p_min=0.0, adaptive=False),
+    "chain-3": DraftConfig(draft_max=3, p_min=0.0, adaptive=False),
+    "chain-6-confidence": DraftConfig(draft_max=6, p_min=0.4, adaptive=False),
+    "chain-cost-model": DraftConfig(draft_max=6, p_min=0.4),
     "tree-2x3x6": DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6),
     "tree-3x4x12": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=12),
 }
@@ -42,7 +45,8 @@ def test_greedy_output_equals_target_only(verifier, target, name):
             assert out.token_ids == expected, f"prompt {prompt}"
             assert out.stats.n_generated == 40
             n_accepted += out.stats.n_accepted
-    assert n_accepted > 0, "the draft never agreed: the test would not exercise acceptance"
+    if name != "chain-cost-model":
+        assert n_accepted > 0, "the draft never agreed: the test would not exercise acceptance"
 
 
 @pytest.mark.timeout(120)
@@ -61,7 +65,7 @@ def test_reference_matches_two_process_path(verifier, target):
 @pytest.mark.timeout(120)
 def test_identical_draft_is_fully_accepted(verifier, target):
     with Client(verifier=verifier.endpoint, draft=noisy_copy(target, 0.0),
-                draft_config=DraftConfig(draft_max=4, p_min=0.0), timeout_s=30) as client:
+                draft_config=DraftConfig(draft_max=4, p_min=0.0, adaptive=False), timeout_s=30) as client:
         out = client.generate([3, 4, 5], max_new_tokens=21)
     assert out.stats.n_accepted == out.stats.n_drafted
     assert out.stats.tau == pytest.approx(5.0)

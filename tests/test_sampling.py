@@ -118,11 +118,11 @@ def exact_joint(target, prompt, params):
 
 
 CASES = {
-    "T0.7": (SamplingParams(0.7), DraftConfig(draft_max=3, p_min=0.0)),
-    "T1.0": (SamplingParams(1.0), DraftConfig(draft_max=3, p_min=0.0)),
-    "T1.3": (SamplingParams(1.3), DraftConfig(draft_max=3, p_min=0.0)),
-    "T1.0-topk2": (SamplingParams(1.0, top_k=2), DraftConfig(draft_max=3, p_min=0.0)),
-    "T1.0-topp0.8": (SamplingParams(1.0, top_p=0.8), DraftConfig(draft_max=3, p_min=0.0)),
+    "T0.7": (SamplingParams(0.7), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
+    "T1.0": (SamplingParams(1.0), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
+    "T1.3": (SamplingParams(1.3), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
+    "T1.0-topk2": (SamplingParams(1.0, top_k=2), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
+    "T1.0-topp0.8": (SamplingParams(1.0, top_p=0.8), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "T1.0-tree": (SamplingParams(1.0), DraftConfig(tree_top_k=2, tree_depth=2, tree_tokens=5)),
 }
 
