@@ -77,19 +77,6 @@ def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
     return DraftLM(model, config, verify_curve)
 
 
-def load_draft(spec, home: Path, dtype: str, device: str):
-    """-> (draft model, tokenizer or None): a head folder is detected by its config."""
-    from . import draft_head, store
-
-    path = Path(str(spec)).expanduser()
-    if path.is_dir() and draft_head.is_head_folder(path):
-        head = draft_head.load_head(path, home, models.resolve_dtype("float32" if dtype in ("auto", "int8") else dtype, device), device)
-        target_dir, _ = store.resolve(head.config.target, home)
-        from transformers import AutoTokenizer
-
-        return head, AutoTokenizer.from_pretrained(target_dir)
-    return models.load_draft(str(spec), home, dtype, device)
-
 
 class Client:
     """Draft side of dovetail_rt. Use as a context manager; one session on the verifier."""
@@ -110,7 +97,7 @@ class Client:
         if draft is None:
             model = None
         elif isinstance(draft, (str, Path)):
-            model, loaded_tok = load_draft(draft, home or dovetail_home(), dtype, self.device)
+            model, loaded_tok = models.load_draft(str(draft), home or dovetail_home(), dtype, self.device)
             tokenizer = tokenizer or loaded_tok
         else:
             model = draft.to(self.device).eval()

@@ -65,7 +65,7 @@ class DraftConfig:
     adaptive: bool = True  # size chains from the cost model once it has measurements
     tree_top_k: int | None = None  # None: the draft kind's default (small LM: 1 = chains; head: 4)
     tree_depth: int = 5
-    tree_tokens: int = 8  # root included; on this 2-core CPU T_V(8) is ~1.7x T_V(1), T_V(16) ~2.3x
+    tree_tokens: int = 8  # root included; measured bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms on the 2-core dev CPU
 
     def __post_init__(self):
         if not 0 <= self.draft_min <= self.draft_max:

@@ -91,7 +91,7 @@ class DraftHead(nn.Module):
 
     def forward(self, f, x, position_ids, cache=None, attention_mask=None) -> torch.Tensor:
         """Predicted next features f^ [b, n, d] (after the trunk's final norm, like the target's)."""
-        g = self.fuse(f.to(self.w1.weight.dtype if hasattr(self, "w1") else self.fc.weight.dtype), x)
+        g = self.fuse(f.to(self.embed_norm.weight.dtype), x)
         out = self.trunk(inputs_embeds=g, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
                          use_cache=cache is not None)
         return out.last_hidden_state

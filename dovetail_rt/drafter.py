@@ -131,13 +131,7 @@ class DraftLM:
         fed: list[int] = []  # pool ids whose keys/values follow the committed tokens in the cache
 
         def expand(nodes, tokens, parents, depths) -> torch.Tensor:
-            mask = torch.zeros(len(nodes), base + len(fed) + len(nodes), dtype=torch.bool)  # [q, kv]
-            mask[:, :base] = True
-            for row, n in enumerate(nodes):
-                ancestors = _ancestors(n, parents)
-                for slot, m in enumerate(fed):
-                    mask[row, base + slot] = m in ancestors
-                mask[row, base + len(fed) + row] = True
+            mask = tree.expansion_mask(nodes, fed, parents, base)  # [q, kv]
             positions = [base - 1 + depths[n] for n in nodes]
             out, _ = models.forward(self.model, self.cache, [tokens[n] for n in nodes], positions, mask[None, None])
             fed.extend(nodes)
@@ -147,14 +141,6 @@ class DraftLM:
                           min(cfg.tree_tokens, budget + 1))
         models.crop_cache(self.cache, base)
         return draft
-
-
-def _ancestors(n: int, parents: list[int]) -> set[int]:
-    out = set()
-    while parents[n] >= 0:
-        n = parents[n]
-        out.add(n)
-    return out
 
 
 def _log(p: float) -> float:
@@ -214,13 +200,7 @@ class HeadDrafter:
         fed: list[int] = []
 
         def expand(nodes, tokens, parents, depths) -> torch.Tensor:
-            mask = torch.zeros(len(nodes), n + len(fed) + len(nodes), dtype=torch.bool)  # [q, kv]
-            mask[:, :n] = True
-            for row, node in enumerate(nodes):
-                ancestors = _ancestors(node, parents)
-                for slot, m in enumerate(fed):
-                    mask[row, n + slot] = m in ancestors
-                mask[row, n + len(fed) + row] = True
+            mask = tree.expansion_mask(nodes, fed, parents, n)  # [q, kv]
             f_in = torch.stack([node_fhat[parents[node]] for node in nodes])  # [q, d]
             out, lp = self._run(f_in, [tokens[node] for node in nodes], [n + depths[node] - 1 for node in nodes], mask)
             for row, node in enumerate(nodes):

@@ -38,12 +38,22 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 
 def load_draft(spec: str, home: Path, dtype_name: str, device: str):
-    """A draft LM: ``dtype_name`` auto = float16 on CUDA, int8 (dynamic quantization) on the CPU.
+    """-> (draft, tokenizer or None): a Dovetail head folder (detected by its config) or a small LM.
 
-    Draft precision never changes the output (verification is lossless); it only moves the
-    acceptance rate a little and the draft time a lot: on this 2-core CPU one 0.5B draft token
-    took 148 / 75 / 41 ms in float32 / bfloat16 / int8.
+    ``dtype_name`` auto = float16 on CUDA; on the CPU int8 (dynamic quantization) for an LM and
+    float32 for a head. Draft precision never changes the output (verification is lossless); it
+    moves the acceptance rate a little and the draft time a lot: on the 2-core dev CPU one 0.5B
+    draft token took 148 / 75 / 41 ms in float32 / bfloat16 / int8.
     """
+    from . import draft_head
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and draft_head.is_head_folder(path):
+        name = "float32" if dtype_name in ("auto", "int8") and device == "cpu" else dtype_name
+        head = draft_head.load_head(path, home, resolve_dtype(name, device), device)
+        from transformers import AutoTokenizer
+
+        return head, AutoTokenizer.from_pretrained(store.resolve(head.config.target, home)[0])
     if dtype_name == "auto":
         dtype_name = "float16" if device.startswith("cuda") else "int8"
     if dtype_name == "int8":

@@ -61,7 +61,7 @@ def model_dir(home: Path, name: str) -> Path:
 
 
 def is_installed(home: Path, name: str) -> bool:
-    return (model_dir(home, name) / "model.safetensors").exists() or any(model_dir(home, name).glob("*.safetensors"))
+    return any(model_dir(home, name).glob("*.safetensors"))
 
 
 def resolve(spec: str, home: Path) -> tuple[str, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -251,6 +250,3 @@ def build_head(target_spec: str, target_dir: Path, layers: int, fusion: str, ini
 def _layer_keys(head: DraftHead) -> list[str]:
     return sorted({k.split(".", 2)[2] for k in head.trunk.state_dict() if k.startswith("layers.")})
 
-
-def steps_for(seqs, cfg: TrainConfig) -> int:
-    return math.ceil(len(chunks(seqs, cfg.chunk)) * (1 - cfg.heldout_frac) * cfg.epochs)

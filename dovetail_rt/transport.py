@@ -56,6 +56,9 @@ class Connection:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.connected_once = False
         self.seq = 0
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.sock.connect(endpoint)
 
     def request(self, msg: Message, timeout_s: float | None = None) -> Message:
@@ -64,15 +67,12 @@ class Connection:
         msg.seq = self.seq
         self.sock.send_multipart(protocol.encode(msg), copy=False)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 hint = "" if self.connected_once else " (no connection was ever made: is `dovetail verifier` running there?)"
                 raise LinkError(f"verifier at {self.endpoint} did not answer within {timeout_s or self.timeout_s:.1f} s{hint}")
-            events = dict(poller.poll(timeout=left * 1000))
+            events = dict(self.poller.poll(timeout=left * 1000))
             if self.monitor in events:
                 self._check_monitor()
             if self.sock in events:

@@ -26,6 +26,22 @@ class DraftTree:
         return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
 
 
+def expansion_mask(nodes: list[int], fed: list[int], parents: list[int], past_len: int) -> torch.Tensor:
+    """[q, past_len + len(fed) + q] bool mask for expanding pool ``nodes``: each sees the cache, the
+    already-run pool nodes (``fed``, in cache order) that are its ancestors, and itself."""
+    mask = torch.zeros(len(nodes), past_len + len(fed) + len(nodes), dtype=torch.bool)
+    mask[:, :past_len] = True
+    slot = {m: past_len + i for i, m in enumerate(fed)}
+    for row, n in enumerate(nodes):
+        p = parents[n]
+        while p >= 0:
+            if p in slot:
+                mask[row, slot[p]] = True
+            p = parents[p]
+        mask[row, past_len + len(fed) + row] = True
+    return mask
+
+
 def grow(root_logprobs: torch.Tensor, expand, top_k: int, depth: int, total_tokens: int) -> DraftTree:
     """EAGLE-2 dynamic tree: for ``depth`` rounds expand the top-k children of the top-k frontier
     nodes (by cumulative log-prob), then keep the best ``total_tokens - 1`` nodes.

@@ -27,7 +27,6 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
         capture_output=True, text=True, env=env, timeout=280,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    print(res.stdout)
     lines = res.stdout.strip().splitlines()
     summary = json.loads(lines[-1])["datasets"]["prompts"]
     assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", "dovetail-tree"}

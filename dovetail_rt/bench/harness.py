@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import data, models, store
+from .. import data, models
 from ..config import DraftConfig
 from ..launcher import VerifierChild
 from . import report
@@ -36,12 +36,6 @@ def head_modes(args) -> dict[str, DraftConfig]:
         k, d, t = (int(x) for x in spec.split(":"))
         modes[f"dovetail-head-t{t}d{d}k{k}"] = DraftConfig(tree_top_k=k, tree_depth=d, tree_tokens=t)
     return modes
-
-
-def client_load_draft(spec, home):
-    from ..client import load_draft
-
-    return load_draft(spec, home, "float32", "cpu")
 
 
 def llamacpp_parts(home: Path, target: str, draft: str):
@@ -107,7 +101,7 @@ def run(args, home: Path) -> dict:
             for name, cfg in DOVETAIL_MODES.items():
                 active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
             for head_dir in [h for h in (args.head or "").split(",") if h]:
-                head, _ = client_load_draft(head_dir, home)
+                head, _ = models.load_draft(head_dir, home, "float32", "cpu")
                 for name, cfg in head_modes(args).items():
                     active.append(DovetailSystem(f"{name}-{Path(head_dir).name}", child.endpoint, head, tokenizer, cfg))
         for name in ("llamacpp", "llamacpp-spec"):

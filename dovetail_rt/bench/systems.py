@@ -82,7 +82,7 @@ class HFSystem:
         torch.manual_seed(seed)
         clock = _FirstTokenClock()
         kwargs = {"do_sample": temperature > 0, "max_new_tokens": n, "streamer": clock, "eos_token_id": self.eos,
-                  "pad_token_id": (self.eos or [0])[0] if self.eos else 0}
+                  "pad_token_id": self.eos[0] if self.eos else 0}
         if temperature > 0:
             kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
         if self.assistant is not None:
@@ -109,6 +109,7 @@ class LlamaCppSystem:
         self.target_gguf, self.draft_gguf, self.threads, self.draft_max = target_gguf, draft_gguf, threads, draft_max
 
     def generate(self, ids: list[int], n: int, temperature: float, seed: int) -> Run:
+        import os
         import re
         import subprocess
         import tempfile
@@ -123,7 +124,10 @@ class LlamaCppSystem:
         else:
             cmd = [str(self.bin_dir / "llama-speculative-simple"), *common, "-md", str(self.draft_gguf),
                    "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=1800)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=1800)
+        finally:
+            os.unlink(f.name)
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
         log = proc.stderr
