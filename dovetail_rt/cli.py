@@ -119,15 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-md", "--model-draft", default=store.DEFAULT_DRAFT, help=f"draft (default {store.DEFAULT_DRAFT})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for every system")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16"],
-                   help="draft precision, the same for hf-assisted and dovetail (auto: int8 on the CPU)")
+                   help="draft precision, the same for hf-assisted and dovetail (auto on the CPU: int8 for a draft LM, bfloat16 for a head)")
     p.add_argument("--systems", default="target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec",
                    help="comma list from target, hf, hf-assisted, dovetail, llamacpp, llamacpp-spec (default: all; "
                         "llama.cpp rows need bash bench/build_llamacpp.sh)")
     p.add_argument("--head", default=None, help="draft head folder(s), comma separated: extra dovetail rows")
-    p.add_argument("--head-trees", default=None, help="tree shapes for head rows, TOPK:DEPTH:TOKENS,... (default 4:5:8)")
+    p.add_argument("--trees", default=None,
+                   help="tree shapes TOPK:DEPTH:TOKENS,... for the tree rows of the draft LM and of every head, one row "
+                        "each (a sweep; default 2:4:8 for the draft LM, 4:5:8 for heads)")
+    p.add_argument("--draft-max", type=int, default=DraftConfig.draft_max,
+                   help=f"cap on a dovetail chain's length (default {DraftConfig.draft_max}; the cost model picks below it)")
     p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
-    p.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10; 0 = all)")
+    p.add_argument("--limit", default="10", help="prompts per dataset, or one number per dataset: 20,20,5 (default 10; 0 = all)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -152,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default 3e-5, the paper's)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
     p.add_argument("--eval-every", type=int, default=200, help="held-out evaluation and checkpoint every N steps (default 200)")
+    p.add_argument("--draft-vocab", type=int, default=32768,
+                   help="draft from the N most frequent corpus tokens only (default 32768; 0 = the whole vocabulary): "
+                        "the lm_head is most of a head's step on a CPU; lossless either way")
     p.add_argument("--no-autocast", action="store_true", help="train in float32 instead of bfloat16 autocast")
     p.add_argument("--no-init-from-target", action="store_true", help="random layers instead of the target's last ones")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="training device (auto: cuda if present)")
@@ -300,7 +307,7 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out)
     path = report.write(results, out_dir, stem)
     if not args.no_plots:
-        results["plots"] = report.plots(results, out_dir, stem)
+        results["plots"] = report.plots(results, out_dir, stem) + report.sweep_plots(results, out_dir, stem)
         report.write(results, out_dir, stem)
     m = results["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
@@ -354,6 +361,8 @@ def cmd_train_head(args) -> int:
     seqs = train_head.load_sequences(feats)
     out = Path(args.out)
     head = train_head.build_head(args.model, Path(target_dir), args.layers, args.fusion, not args.no_init_from_target)
+    if args.draft_vocab:
+        head.set_draft_vocab(train_head.frequent_vocab(seqs, args.draft_vocab, head.lm_head.out_features))
     cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
                                  ckpt_every=args.eval_every, autocast=not args.no_autocast)
     meta = train_head.train(head, seqs, out, cfg, resolve_device(args.device),

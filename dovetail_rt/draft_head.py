@@ -80,6 +80,12 @@ class DraftHead(nn.Module):
         self.trunk = AutoModel.from_config(trunk_config(target_config, config.layers), attn_implementation="sdpa")
         self.trunk.layers[0].input_layernorm = nn.Identity()  # the fused input is not normed again
 
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Draft only over these token ids (the corpus' most frequent first): on a CPU the lm_head
+        dominates a head's step, and most of a 150k vocabulary is never drafted. Lossless: the
+        target still verifies every token; a token outside the set is just never proposed."""
+        self.register_buffer("draft_vocab", ids.long().to(self.lm_head.weight.device))
+
     def fuse(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """f [.., n, d] target (or predicted) features at t, x [.., n] tokens at t + 1 -> g [.., n, d]."""
         e = self.embed_norm(self.embed(x))
@@ -179,8 +185,11 @@ def load_head(folder, home: Path, dtype: torch.dtype = torch.float32, device: st
     target_dir, _ = store.resolve(config.target, home)
     embed, lm_head = shared_weights(Path(target_dir))
     head = DraftHead(target_config, config, embed.to(dtype), lm_head.to(dtype))
-    missing, unexpected = head.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    state = load_file(str(folder / "model.safetensors"))
+    if "draft_vocab" in state:
+        head.set_draft_vocab(state["draft_vocab"])  # registers the buffer the state then fills
+    missing, unexpected = head.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith(("embed.", "lm_head."))]
     if bad or unexpected:
         raise ValueError(f"{folder} does not match its config: missing {bad[:3]}, unexpected {unexpected[:3]}")
-    return head.to(device=device, dtype=dtype).eval()
+    return head.to(device=device, dtype=dtype).eval()  # (.to casts floating tensors only: ids stay int64)

@@ -165,6 +165,8 @@ class HeadDrafter:
 
         self.head, self.config = head, config
         self._new_cache = lambda: DynamicCache(config=head.trunk.config)
+        self.vocab = getattr(head, "draft_vocab", None)  # drafting vocabulary (None: all of it)
+        self.vocab_weight = None if self.vocab is None else head.lm_head.weight[self.vocab].contiguous()
         self.reset()
 
     def reset(self) -> None:
@@ -182,7 +184,12 @@ class HeadDrafter:
         fhat = self.head(f[None].to(dev), torch.tensor([x], device=dev),
                          torch.tensor([positions], device=dev), self.cache,
                          None if mask is None else mask[None, None].to(dev))[0]  # [n, d]
-        return fhat, self.head.lm_head(fhat).float().log_softmax(-1)  # [n, d], [n, vocab]
+        if self.vocab is None:
+            return fhat, self.head.lm_head(fhat).float().log_softmax(-1)  # [n, d], [n, vocab]
+        sub = (fhat @ self.vocab_weight.T).float().log_softmax(-1)  # over the drafting vocabulary only
+        logp = sub.new_full((sub.shape[0], self.head.lm_head.out_features), float("-inf"))
+        logp[:, self.vocab] = sub
+        return fhat, logp
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:

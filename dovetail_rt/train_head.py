@@ -121,6 +121,15 @@ def load_sequences(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return seqs
 
 
+def frequent_vocab(seqs, size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` token ids a head drafts from: the corpus' most frequent first, then unseen ids
+    in id order (a BPE vocabulary is ordered by merge rank, which roughly follows frequency)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for tokens, _ in seqs:
+        counts += torch.bincount(tokens.long(), minlength=vocab_size)[:vocab_size]
+    return torch.sort(-counts, stable=True).indices[: min(size, vocab_size)]
+
+
 # ---- 2. training -----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:

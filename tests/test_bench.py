@@ -23,21 +23,23 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
     res = subprocess.run(
         [sys.executable, "-m", "dovetail_rt.cli", "bench", "-m", str(tiny_dir), "-md", str(draft_dir),
          "--dtype", "float32", "--draft-dtype", "float32", "--systems", "target,hf,hf-assisted,dovetail",
-         "--prompts", str(prompts), "-n", "16", "--out", str(tmp_path / "results")],
+         "--prompts", str(prompts), "-n", "16", "--trees", "2:3:4,2:3:8", "--out", str(tmp_path / "results")],
         capture_output=True, text=True, env=env, timeout=280,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     summary = json.loads(lines[-1])["datasets"]["prompts"]
-    assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", "dovetail-tree"}
+    trees = ["dovetail-tree-t4d3k2", "dovetail-tree-t8d3k2"]  # a tree-size sweep: one row per shape
+    assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", *trees}
     assert summary["target"]["speedup_vs_target_median"] == 1.0
-    for name in ("hf", "hf-assisted", "dovetail-chain", "dovetail-tree"):
+    for name in ("hf", "hf-assisted", "dovetail-chain", *trees):
         assert summary[name]["speedup_vs_target_median"] > 0
         assert summary[name]["prompts"] == 3
     # greedy and float32: every system reproduces the target's tokens
     assert summary["dovetail-chain"]["identical_pct"] == 100 and summary["hf"]["identical_pct"] == 100
-    assert summary["dovetail-tree"]["tau"] >= 1.0
+    assert all(summary[t]["tau"] >= 1.0 and summary[t]["identical_pct"] == 100 for t in trees)
     assert any("speedup" in line for line in lines)
     written = json.loads(open(json.loads(lines[-1])["results_file"]).read())
-    assert written["machine"]["target_dtype"] == "float32" and len(written["plots"]) == 2
+    assert written["machine"]["target_dtype"] == "float32" and len(written["plots"]) == 3  # speedup, tok/s, the tree-size sweep
+    assert written["rows"]["dovetail-tree-t8d3k2"] == {"draft": str(draft_dir), "top_k": 2, "depth": 3, "tree_tokens": 8}
     assert all(os.path.exists(p) for p in written["plots"])

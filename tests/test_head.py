@@ -25,12 +25,14 @@ def target(tiny_dir):
 @pytest.mark.parametrize("fusion", ["dgf", "fc"])
 def test_checkpoint_round_trip(tmp_path, tiny_dir, fusion):
     head = make_head(tiny_dir, layers=2, fusion=fusion).eval()
+    head.set_draft_vocab(torch.tensor([7, 3, 50, 98]))
     save_head(head, tmp_path / "head")
     assert is_head_folder(tmp_path / "head") and not is_head_folder(tiny_dir)
     loaded = load_head(tmp_path / "head", home=tmp_path)
     f, x, pos = torch.randn(1, 5, 32), torch.tensor([[1, 2, 3, 4, 5]]), torch.arange(5)[None]
     with torch.no_grad():
         assert torch.equal(head(f, x, pos), loaded(f, x, pos))
+    assert loaded.draft_vocab.tolist() == [7, 3, 50, 98]
     # only the head's own weights are stored: the embedding and lm_head come from the target
     from safetensors import safe_open
     with safe_open(str(tmp_path / "head" / "model.safetensors"), "pt") as st:
@@ -64,16 +66,31 @@ def test_tree_invariants():
         assert all(s == sorted(s, reverse=True) for s in siblings.values()), "siblings best first"
 
 
+def test_frequent_vocab():
+    from dovetail_rt.train_head import frequent_vocab
+
+    seqs = [(torch.tensor([5, 5, 5, 2, 2, 9]), None), (torch.tensor([9, 9, 2]), None)]
+    # counts: 9 x3, 5 x3, 2 x3 -> ties by id; then the unseen ids in id order
+    assert frequent_vocab(seqs, 6, 12).tolist() == [2, 5, 9, 0, 1, 3]
+    assert frequent_vocab(seqs, 50, 12).shape == (12,)
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("draft_config", [DraftConfig(tree_top_k=1, draft_max=4),
-                                          DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10)], ids=["chain", "tree"])
-def test_greedy_with_head_equals_target(verifier, target, tiny_dir, draft_config):
+@pytest.mark.parametrize("draft_config,vocab", [(DraftConfig(tree_top_k=1, draft_max=4), None),
+                                                (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), None),
+                                                (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), "even")],
+                         ids=["chain", "tree", "tree-draft-vocab"])
+def test_greedy_with_head_equals_target(verifier, target, tiny_dir, draft_config, vocab):
     head = make_head(tiny_dir, layers=1).eval()
+    if vocab:  # a drafting vocabulary without half of the target's tokens: still lossless
+        head.set_draft_vocab(torch.arange(0, 99, 2))
     with Client(verifier=verifier.endpoint, draft=head, draft_config=draft_config, timeout_s=30) as client:
         for prompt in PROMPTS:
             out = client.generate(prompt, max_new_tokens=30)
             assert out.token_ids == target_greedy(target, prompt, 30)
             assert out.stats.n_drafted > 0
+            if vocab:
+                assert any(t % 2 for t in out.token_ids), "the target's odd tokens still come out"
 
 
 @pytest.mark.timeout(300)

@@ -19,23 +19,30 @@ from .systems import DovetailSystem, HFSystem, LlamaCppSystem
 log = logging.getLogger(__name__)
 
 ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "llamacpp", "llamacpp-spec")
-# Every draft mode the runtime has, one row each.
-DOVETAIL_MODES = {
-    "dovetail-chain": DraftConfig(),
-    "dovetail-tree": DraftConfig(tree_top_k=2, tree_depth=4, tree_tokens=8),
-}
+# Default tree shapes (TOPK:DEPTH:TOKENS) per draft kind; --trees replaces both for a sweep.
+LM_TREES, HEAD_TREES = "2:4:8", "4:5:8"
+
+
+def tree_modes(spec: str, prefix: str, draft_max: int) -> dict[str, tuple[DraftConfig, dict]]:
+    """Rows for every tree shape in ``spec`` ("TOPK:DEPTH:TOKENS,..."): name -> (config, shape)."""
+    modes = {}
+    for item in spec.split(","):
+        try:
+            k, d, t = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(f"tree shape '{item}': expected TOPK:DEPTH:TOKENS, e.g. 4:5:8") from None
+        shape = {"top_k": k, "depth": d, "tree_tokens": t}
+        modes[f"{prefix}-t{t}d{d}k{k}"] = (DraftConfig(draft_max=draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t), shape)
+    return modes
+
+
+def dovetail_modes(args) -> dict[str, tuple[DraftConfig, dict]]:
+    """Every draft mode of the small draft LM, one row each: the cost-model chain and tree(s)."""
+    modes = {"dovetail-chain": (DraftConfig(draft_max=args.draft_max), {"chain": True})}
+    return modes | tree_modes(args.trees or LM_TREES, "dovetail-tree", args.draft_max)
 
 
 MAX_PROMPT_TOKENS = 1024  # prompts longer than this are skipped (a few ShareGPT first turns)
-
-
-def head_modes(args) -> dict[str, DraftConfig]:
-    """Head rows: the default tree, plus every tree size asked for with --head-trees TOPK:DEPTH:TOKENS,..."""
-    modes = {}
-    for spec in (args.head_trees or "4:5:8").split(","):
-        k, d, t = (int(x) for x in spec.split(":"))
-        modes[f"dovetail-head-t{t}d{d}k{k}"] = DraftConfig(tree_top_k=k, tree_depth=d, tree_tokens=t)
-    return modes
 
 
 def llamacpp_parts(home: Path, target: str, draft: str):
@@ -82,10 +89,15 @@ def run(args, home: Path) -> dict:
     dtype_name = str(target_dtype).removeprefix("torch.")
     draft_model, tokenizer = models.load_draft(args.model_draft, home, args.draft_dtype, "cpu")
     datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
-    prompt_sets = [load_prompts(d, args.prompts, args.limit, tokenizer) for d in datasets]
+    limits = [int(x) for x in str(args.limit).split(",")]
+    if len(limits) not in (1, len(datasets)):
+        raise ValueError(f"--limit {args.limit}: give one number, or one per dataset ({len(datasets)})")
+    limits = limits * len(datasets) if len(limits) == 1 else limits
+    prompt_sets = [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
     eos = None
     results = {"command": args.command_line, "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
                "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
+    rows = results["rows"] = {}  # dovetail row -> its draft and tree shape (for the sweep plots)
     with VerifierChild(args.model, dtype_name) as child:
         active = []
         if "target" in systems:
@@ -98,12 +110,15 @@ def run(args, home: Path) -> dict:
             if "hf-assisted" in systems:
                 active.append(HFSystem("hf-assisted", hf_target, assistant=draft_model, eos=eos))
         if "dovetail" in systems:
-            for name, cfg in DOVETAIL_MODES.items():
+            for name, (cfg, shape) in dovetail_modes(args).items():
                 active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
+                rows[name] = {"draft": args.model_draft, **shape}
             for head_dir in [h for h in (args.head or "").split(",") if h]:
-                head, _ = models.load_draft(head_dir, home, "float32", "cpu")
-                for name, cfg in head_modes(args).items():
-                    active.append(DovetailSystem(f"{name}-{Path(head_dir).name}", child.endpoint, head, tokenizer, cfg))
+                head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
+                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args.draft_max).items():
+                    name = f"{name}-{Path(head_dir).name}"
+                    active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
+                    rows[name] = {"draft": Path(head_dir).name, **shape}
         for name in ("llamacpp", "llamacpp-spec"):
             if name in systems:
                 found = llamacpp_parts(home, args.model, args.model_draft)

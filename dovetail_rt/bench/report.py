@@ -114,6 +114,46 @@ def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
     return files
 
 
+def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
+    """tau and speedup against tree size and against depth, one line per draft and dataset, for
+    every group of dovetail rows that differ only in that one setting (PNG; none without a sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {n: r for n, r in results.get("rows", {}).items() if "tree_tokens" in r}
+    files = []
+    for axis, label in (("tree_tokens", "tree size (tokens, root included)"), ("depth", "tree depth")):
+        fixed = [k for k in ("top_k", "depth", "tree_tokens") if k != axis]
+        groups = {}
+        for name, r in rows.items():
+            groups.setdefault((r["draft"], *(r[k] for k in fixed)), []).append((r[axis], name))
+        groups = {g: sorted(v) for g, v in groups.items() if len({x for x, _ in v}) >= 2}
+        if not groups:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for (draft, *rest), points in groups.items():
+            for d, data in results["datasets"].items():
+                summ = data["summary"]
+                xs = [x for x, n in points if n in summ]
+                tag = f"{draft} / {d} ({', '.join(f'{k}={v}' for k, v in zip(fixed, rest))})"
+                for ax, metric in zip(axes, ("tau", "speedup_vs_target_median")):
+                    ax.plot(xs, [summ[n].get(metric, 0.0) for x, n in points if n in summ], marker="o", label=tag)
+        for ax, metric in zip(axes, ("tau (mean tokens per step)", "speedup over target")):
+            ax.set_xlabel(label)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=6)
+        fig.suptitle(f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-sweep-{axis}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
 def write(results: dict, out_dir: Path, stem: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
