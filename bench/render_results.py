@@ -24,7 +24,11 @@ def rel(path: str) -> str:
 
 def bench_section(res: dict) -> list[str]:
     m = res["machine"]
-    out = [f"## Side by side ({', '.join(res['datasets'])})", "",
+    shapes = {}
+    for row in res.get("rows", {}).values():
+        shapes.setdefault(row["draft"], set()).add(tuple(row.get(k) for k in ("top_k", "depth", "tree_tokens")))
+    kind = "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side"
+    out = [f"## {kind} ({', '.join(res['datasets'])})", "",
            f"Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
            f"torch {m['torch']}, transformers {m['transformers']}; target dtype {m['target_dtype']}; "

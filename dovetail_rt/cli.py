@@ -57,7 +57,7 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
     g.add_argument("--draft-p-min", type=float, default=d.p_min,
                    help=f"stop a chain when the draft's top probability falls under this (default {d.p_min})")
     g.add_argument("--no-cost-model", action="store_true",
-                   help="size chains by --draft-p-min only, not by the expected-tokens/s cost model")
+                   help="size chains by --draft-p-min only and send trees whole, not sized by the expected-tokens/s cost model")
     g.add_argument("--tree-top-k", type=int, default=None,
                    help="branching of EAGLE-2 dynamic trees; 1 = chains (default: chains for a small LM, 4 for a head)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each (a sweep; default 2:4:8 for the draft LM, 4:5:8 for heads)")
     p.add_argument("--draft-max", type=int, default=DraftConfig.draft_max,
                    help=f"cap on a dovetail chain's length (default {DraftConfig.draft_max}; the cost model picks below it)")
+    p.add_argument("--no-cost-model", action="store_true",
+                   help="dovetail rows draft fixed shapes: chains stop by draft confidence, trees are sent whole "
+                        "(for sweeps of exact tree sizes)")
     p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
     p.add_argument("--limit", default="10", help="prompts per dataset, or one number per dataset: 20,20,5 (default 10; 0 = all)")

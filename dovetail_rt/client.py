@@ -73,7 +73,7 @@ def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
     if model is None:
         return NoDraft()
     if isinstance(model, DraftHead):
-        return HeadDrafter(model, config)
+        return HeadDrafter(model, config, verify_curve)
     return DraftLM(model, config, verify_curve)
 
 

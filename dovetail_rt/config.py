@@ -56,13 +56,14 @@ class DraftConfig:
     token raises the expected tokens/s (cost.py: measured verification curve, draft time,
     acceptance); before those are measured, or with adaptive off, it stops when the draft's top
     probability falls under p_min. Trees (tree_top_k > 1): EAGLE-2 style dynamic
-    trees of tree_depth rounds keeping the best tree_tokens - 1 draft nodes.
+    trees of tree_depth rounds keeping the best tree_tokens - 1 draft nodes, then (adaptive) cut to
+    the size the cost model prefers.
     """
 
     draft_max: int = 16  # a cap: the cost model picks the length below it (8/16/24 measured alike here)
     draft_min: int = 0
     p_min: float = 0.4
-    adaptive: bool = True  # size chains from the cost model once it has measurements
+    adaptive: bool = True  # size chains and trees from the cost model once it has measurements
     tree_top_k: int | None = None  # None: the draft kind's default (small LM: 1 = chains; head: 4)
     tree_depth: int = 5
     tree_tokens: int = 8  # root included; measured bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms on the 2-core dev CPU

@@ -7,9 +7,15 @@ T_V(q) is the verifier's forward time over q tokens (root + k drafts): a prior f
 verifier's measured curve (``dovetail bench --verify-curve``, sent in WELCOME) refined online
 from the ``verify_s`` of every step; T_D is the draft's time per token, measured online. The
 acceptance chance of each draft token is the draft's own probability times a running calibration.
+
+Trees: once a tree is grown its draft time is spent, so only verification depends on its size:
+keep the n best nodes maximising (1 + sum_{i<=n} P(node i accepted)) / (T_grow + T_V(n + 1)),
+with P(node) = exp(cumulative draft log-prob) times the calibration.
 """
 
 from __future__ import annotations
+
+import math
 
 EMA = 0.2
 
@@ -23,6 +29,10 @@ class CostModel:
     @property
     def ready(self) -> bool:
         return self.t_draft is not None and len(self.t_verify) >= 2
+
+    @property
+    def knows_verify(self) -> bool:
+        return len(self.t_verify) >= 2
 
     @property
     def calibration(self) -> float:
@@ -60,3 +70,17 @@ class CostModel:
         """Expected tokens per second when drafting len(p_all) tokens; p_all[j] = P(first j+1 accepted)."""
         k = len(p_all)
         return (1.0 + sum(p_all)) / (k * self.t_draft + self.verify_time(k + 1))
+
+    def tree_size(self, scores: list[float], grow_s: float) -> int:
+        """How many of a grown tree's best nodes to send (0..len(scores)); needs the curve."""
+        p = sorted((min(1.0, math.exp(sc) * self.calibration) for sc in scores), reverse=True)
+        best_n, best, expected = 0, 1.0 / (grow_s + self.verify_time(1)), 1.0
+        for n, p_n in enumerate(p, start=1):
+            expected += p_n
+            rate = expected / (grow_s + self.verify_time(n + 1))
+            if rate > best:
+                best_n, best = n, rate
+        return best_n
+
+    def expected_accepted(self, scores: list[float]) -> float:
+        return sum(min(1.0, math.exp(sc) * self.calibration) for sc in scores)

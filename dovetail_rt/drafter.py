@@ -11,6 +11,7 @@ Every draft kind implements the same calls, so the loop in ``client.py`` never c
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +33,14 @@ class Feedback:
     n_accepted: int = 0
     verify_s: float = 0.0
     draft_s: float = 0.0
+
+
+def size_tree(draft: DraftTree, cost: CostModel, config: DraftConfig, started: float) -> tuple[DraftTree, float]:
+    """Cut a grown tree to the size the cost model prefers (unless adaptive is off); returns it
+    and its expected accepted length, which calibrates the next estimates."""
+    if config.adaptive and cost.knows_verify:
+        draft = tree.prune(draft, cost.tree_size(draft.scores, time.perf_counter() - started))
+    return draft, cost.expected_accepted(draft.scores)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -86,11 +95,13 @@ class DraftLM:
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
+        started = time.perf_counter()
         logits = self._catch_up(committed)  # [vocab] after the last committed token
         if budget <= 0:
             return DraftTree.chain([])
         if self.config.is_tree:
-            return self._tree(committed, logits, budget)
+            draft, self.last_predicted = size_tree(self._tree(committed, logits, budget), self.cost, self.config, started)
+            return draft
         return self._chain(logits, budget)
 
     def _catch_up(self, committed: list[int]) -> torch.Tensor:
@@ -160,10 +171,11 @@ class HeadDrafter:
 
     wants_features = True
 
-    def __init__(self, head, config: DraftConfig):
+    def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
         from transformers import DynamicCache
 
         self.head, self.config = head, config
+        self.cost, self.last_predicted = CostModel(verify_curve), 0.0  # sizes the trees
         self._new_cache = lambda: DynamicCache(config=head.trunk.config)
         self.vocab = getattr(head, "draft_vocab", None)  # drafting vocabulary (None: all of it)
         self.vocab_weight = None if self.vocab is None else head.lm_head.weight[self.vocab].contiguous()
@@ -175,6 +187,9 @@ class HeadDrafter:
         self.n_pairs = 0  # committed pairs in the cache
 
     def observe(self, feedback: Feedback) -> None:
+        if feedback.n_drafted or feedback.verify_s:
+            self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
+                              feedback.verify_s, feedback.draft_s)
         if feedback.features is not None:
             f = feedback.features.to(self.head.lm_head.weight.device)
             self.features = f if self.features is None else torch.cat([self.features, f])
@@ -193,7 +208,7 @@ class HeadDrafter:
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
-        cfg = self.config
+        cfg, started = self.config, time.perf_counter()
         n = len(committed) - 1  # pairs available: (f_i, x_{i+1}) for i < n
         if self.features is None or self.features.shape[0] < n:
             raise RuntimeError("the verifier sent no features: the head needs them (features=True in START)")
@@ -219,4 +234,5 @@ class HeadDrafter:
         depth, total = (cfg.tree_depth, cfg.tree_tokens) if top_k > 1 else (cfg.draft_max, cfg.draft_max + 1)
         draft = tree.grow(logp[-1], expand, top_k, depth, min(total, budget + 1))
         models.crop_cache(self.cache, n)
+        draft, self.last_predicted = size_tree(draft, self.cost, cfg, started)
         return draft

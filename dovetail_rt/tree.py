@@ -26,6 +26,16 @@ class DraftTree:
         return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
 
 
+def prune(t: DraftTree, n: int) -> DraftTree:
+    """The ``n`` best nodes of a tree by score, still a tree in wire layout (a child never
+    outscores its parent and ties keep the older node, so every kept node keeps its ancestors)."""
+    if n >= len(t):
+        return t
+    keep = sorted(sorted(range(len(t)), key=lambda i: (-t.scores[i], i))[:n])
+    new_id = {0: 0, **{old + 1: j + 1 for j, old in enumerate(keep)}}
+    return DraftTree([t.tokens[i] for i in keep], [new_id[t.parents[i]] for i in keep], [t.scores[i] for i in keep])
+
+
 def expansion_mask(nodes: list[int], fed: list[int], parents: list[int], past_len: int) -> torch.Tensor:
     """[q, past_len + len(fed) + q] bool mask for expanding pool ``nodes``: each sees the cache, the
     already-run pool nodes (``fed``, in cache order) that are its ancestors, and itself."""

@@ -37,3 +37,37 @@ def test_calibration_follows_observed_acceptance():
     for _ in range(20):
         cost.observe(4, 1, 3.0, 0.3, 0.2)  # predicted 3 accepted, got 1
     assert cost.calibration == pytest.approx(1 / 3, rel=0.05)
+
+
+def test_tree_size_keeps_nodes_while_they_pay_for_their_verification():
+    import math
+
+    cost = CostModel(CURVE)
+    likely = [math.log(0.9 ** (j + 1)) for j in range(15)]  # a deep, confident chain-like tree
+    unlikely = [math.log(0.05)] * 15  # fifteen long shots
+    assert cost.tree_size(likely, grow_s=0.1) >= 8
+    assert cost.tree_size(unlikely, grow_s=0.1) == 0
+    assert cost.expected_accepted([0.0, math.log(0.5)]) == pytest.approx(1.5)
+
+
+def test_pruned_tree_is_a_tree_of_the_best_nodes():
+    import torch
+
+    from dovetail_rt import tree
+
+    gen = torch.Generator().manual_seed(1)
+    grown = tree.grow(torch.randn(40, generator=gen).log_softmax(-1),
+                      lambda nodes, *_: torch.randn(len(nodes), 40, generator=gen).log_softmax(-1), 3, 4, 16)
+    for n in range(len(grown) + 1):
+        t = tree.prune(grown, n)
+        assert len(t) == n and all(0 <= p < i for i, p in enumerate(t.parents, start=1))
+        assert sorted(t.scores, reverse=True) == sorted(grown.scores, reverse=True)[:n]
+        assert set(_paths(t)) <= set(_paths(grown)), "every kept node keeps its own ancestors"
+
+
+def _paths(t):
+    """Each node's token path from the root, with its score."""
+    paths = []
+    for tok, parent, score in zip(t.tokens, t.parents, t.scores):
+        paths.append(((paths[parent - 1][0] if parent else ()) + (tok,), score))
+    return paths

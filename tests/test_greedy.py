@@ -18,8 +18,9 @@ DRAFTS = {
     "chain-3": DraftConfig(draft_max=3, p_min=0.0, adaptive=False),
     "chain-6-confidence": DraftConfig(draft_max=6, p_min=0.4, adaptive=False),
     "chain-cost-model": DraftConfig(draft_max=6, p_min=0.4),
-    "tree-2x3x6": DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6),
-    "tree-3x4x12": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=12),
+    "tree-2x3x6": DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6, adaptive=False),
+    "tree-3x4x12": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=12, adaptive=False),
+    "tree-cost-model": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=12),  # cut to the cost model's size
 }
 
 

@@ -123,7 +123,7 @@ CASES = {
     "T1.3": (SamplingParams(1.3), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "T1.0-topk2": (SamplingParams(1.0, top_k=2), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "T1.0-topp0.8": (SamplingParams(1.0, top_p=0.8), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
-    "T1.0-tree": (SamplingParams(1.0), DraftConfig(tree_top_k=2, tree_depth=2, tree_tokens=5)),
+    "T1.0-tree": (SamplingParams(1.0), DraftConfig(tree_top_k=2, tree_depth=2, tree_tokens=5, adaptive=False)),
 }
 
 

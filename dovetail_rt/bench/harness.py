@@ -23,7 +23,7 @@ ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "llamacpp", "llamacpp-
 LM_TREES, HEAD_TREES = "2:4:8", "4:5:8"
 
 
-def tree_modes(spec: str, prefix: str, draft_max: int) -> dict[str, tuple[DraftConfig, dict]]:
+def tree_modes(spec: str, prefix: str, draft_max: int, adaptive: bool) -> dict[str, tuple[DraftConfig, dict]]:
     """Rows for every tree shape in ``spec`` ("TOPK:DEPTH:TOKENS,..."): name -> (config, shape)."""
     modes = {}
     for item in spec.split(","):
@@ -32,14 +32,16 @@ def tree_modes(spec: str, prefix: str, draft_max: int) -> dict[str, tuple[DraftC
         except ValueError:
             raise ValueError(f"tree shape '{item}': expected TOPK:DEPTH:TOKENS, e.g. 4:5:8") from None
         shape = {"top_k": k, "depth": d, "tree_tokens": t}
-        modes[f"{prefix}-t{t}d{d}k{k}"] = (DraftConfig(draft_max=draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t), shape)
+        cfg = DraftConfig(draft_max=draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t, adaptive=adaptive)
+        modes[f"{prefix}-t{t}d{d}k{k}"] = (cfg, shape)
     return modes
 
 
 def dovetail_modes(args) -> dict[str, tuple[DraftConfig, dict]]:
     """Every draft mode of the small draft LM, one row each: the cost-model chain and tree(s)."""
-    modes = {"dovetail-chain": (DraftConfig(draft_max=args.draft_max), {"chain": True})}
-    return modes | tree_modes(args.trees or LM_TREES, "dovetail-tree", args.draft_max)
+    adaptive = not args.no_cost_model
+    modes = {"dovetail-chain": (DraftConfig(draft_max=args.draft_max, adaptive=adaptive), {"chain": True})}
+    return modes | tree_modes(args.trees or LM_TREES, "dovetail-tree", args.draft_max, adaptive)
 
 
 MAX_PROMPT_TOKENS = 1024  # prompts longer than this are skipped (a few ShareGPT first turns)
@@ -115,7 +117,8 @@ def run(args, home: Path) -> dict:
                 rows[name] = {"draft": args.model_draft, **shape}
             for head_dir in [h for h in (args.head or "").split(",") if h]:
                 head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
-                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args.draft_max).items():
+                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args.draft_max,
+                                                        not args.no_cost_model).items():
                     name = f"{name}-{Path(head_dir).name}"
                     active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
                     rows[name] = {"draft": Path(head_dir).name, **shape}
