@@ -53,11 +53,11 @@ def summarize(runs: dict[str, list], baseline: str | None, reference: dict[int, 
             row["speedup_vs_target_median"], row["speedup_min"], row["speedup_max"] = _spread(ratios)
         elif name == baseline:
             row["speedup_vs_target_median"] = 1.0
-        steps = sum(r.n_steps for r in rs)
-        if any(r.n_steps for r in rs) and any(r.n_drafted for r in rs):
-            drafted, accepted = sum(r.n_drafted for r in rs), sum(r.n_accepted for r in rs)
-            row["tau"] = (accepted + steps) / steps
-            row["accept_pct"] = 100 * accepted / drafted if drafted else 0.0
+        steps, drafted, accepted = (sum(getattr(r, k) for r in rs) for k in ("n_steps", "n_drafted", "n_accepted"))
+        if drafted:  # llama.cpp reports drafted / accepted counts but not its steps: no tau there
+            row["accept_pct"] = 100 * accepted / drafted
+            if steps:
+                row["tau"] = (accepted + steps) / steps
         if steps:
             for key in ("draft_s", "verify_s", "link_s"):
                 row[f"{key[:-2]}_ms_per_step"] = 1000 * sum(r.timings.get(key, 0.0) for r in rs) / steps
