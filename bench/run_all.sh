@@ -18,7 +18,7 @@ bash bench/build_llamacpp.sh
 FILES=("$(.venv/bin/dovetail bench --dataset "$DATASETS" --limit "$LIMIT" -n "$N" --out bench/results | tee /dev/stderr | results_file)")
 if [[ -n "$HEADS" ]]; then
   FILES+=("$(.venv/bin/dovetail bench --systems target,dovetail --dataset "$DATASETS" --limit "$SWEEP_LIMIT" -n "$SWEEP_N" \
-             --head "$HEADS" --trees "$TREES" --no-cost-model --out bench/results | tee /dev/stderr | results_file)")
+             --head "$HEADS" --trees "$TREES" --cost-model off --out bench/results | tee /dev/stderr | results_file)")
 fi
 NOTES=(); [[ -f bench/NOTES.md ]] && NOTES=(--notes bench/NOTES.md)
 .venv/bin/python bench/render_results.py --bench "${FILES[@]}" "${NOTES[@]}" > bench/RESULTS.md

@@ -129,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each (a sweep; default 2:4:8 for the draft LM, 4:5:8 for heads)")
     p.add_argument("--draft-max", type=int, default=DraftConfig.draft_max,
                    help=f"cap on a dovetail chain's length (default {DraftConfig.draft_max}; the cost model picks below it)")
-    p.add_argument("--no-cost-model", action="store_true",
-                   help="dovetail rows draft fixed shapes: chains stop by draft confidence, trees are sent whole "
-                        "(for sweeps of exact tree sizes)")
+    p.add_argument("--cost-model", default="on", choices=["on", "off", "both"],
+                   help="dovetail rows sized by the cost model (on, default), fixed shapes (off: chains stop by draft "
+                        "confidence, trees are sent whole; rows named ...-fixed; for sweeps of exact tree sizes), or both")
     p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
     p.add_argument("--limit", default="10", help="prompts per dataset, or one number per dataset: 20,20,5 (default 10; 0 = all)")

@@ -23,16 +23,17 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
     res = subprocess.run(
         [sys.executable, "-m", "dovetail_rt.cli", "bench", "-m", str(tiny_dir), "-md", str(draft_dir),
          "--dtype", "float32", "--draft-dtype", "float32", "--systems", "target,hf,hf-assisted,dovetail",
-         "--prompts", str(prompts), "-n", "16", "--trees", "2:3:4,2:3:8", "--out", str(tmp_path / "results")],
+         "--prompts", str(prompts), "-n", "16", "--trees", "2:3:4,2:3:8", "--cost-model", "both", "--out", str(tmp_path / "results")],
         capture_output=True, text=True, env=env, timeout=280,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     summary = json.loads(lines[-1])["datasets"]["prompts"]
-    trees = ["dovetail-tree-t4d3k2", "dovetail-tree-t8d3k2"]  # a tree-size sweep: one row per shape
-    assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", *trees}
+    # a tree-size sweep: one row per shape, each sized by the cost model and fixed
+    trees = [f"dovetail-tree-t{t}d3k2{fixed}" for t in (4, 8) for fixed in ("", "-fixed")]
+    assert set(summary) == {"target", "hf", "hf-assisted", "dovetail-chain", "dovetail-chain-fixed", *trees}
     assert summary["target"]["speedup_vs_target_median"] == 1.0
-    for name in ("hf", "hf-assisted", "dovetail-chain", *trees):
+    for name in ("hf", "hf-assisted", "dovetail-chain", "dovetail-chain-fixed", *trees):
         assert summary[name]["speedup_vs_target_median"] > 0
         assert summary[name]["prompts"] == 3
     # greedy and float32: every system reproduces the target's tokens
@@ -41,5 +42,6 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
     assert any("speedup" in line for line in lines)
     written = json.loads(open(json.loads(lines[-1])["results_file"]).read())
     assert written["machine"]["target_dtype"] == "float32" and len(written["plots"]) == 3  # speedup, tok/s, the tree-size sweep
-    assert written["rows"]["dovetail-tree-t8d3k2"] == {"draft": str(draft_dir), "top_k": 2, "depth": 3, "tree_tokens": 8}
+    assert written["rows"]["dovetail-tree-t8d3k2-fixed"] == {"draft": str(draft_dir), "top_k": 2, "depth": 3,
+                                                             "tree_tokens": 8, "cost_model": False}
     assert all(os.path.exists(p) for p in written["plots"])

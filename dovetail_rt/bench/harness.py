@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,7 +24,7 @@ ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "llamacpp", "llamacpp-
 LM_TREES, HEAD_TREES = "2:4:8", "4:5:8"
 
 
-def tree_modes(spec: str, prefix: str, draft_max: int, adaptive: bool) -> dict[str, tuple[DraftConfig, dict]]:
+def tree_modes(spec: str, prefix: str, args) -> dict[str, tuple[DraftConfig, dict]]:
     """Rows for every tree shape in ``spec`` ("TOPK:DEPTH:TOKENS,..."): name -> (config, shape)."""
     modes = {}
     for item in spec.split(","):
@@ -32,16 +33,22 @@ def tree_modes(spec: str, prefix: str, draft_max: int, adaptive: bool) -> dict[s
         except ValueError:
             raise ValueError(f"tree shape '{item}': expected TOPK:DEPTH:TOKENS, e.g. 4:5:8") from None
         shape = {"top_k": k, "depth": d, "tree_tokens": t}
-        cfg = DraftConfig(draft_max=draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t, adaptive=adaptive)
-        modes[f"{prefix}-t{t}d{d}k{k}"] = (cfg, shape)
+        cfg = DraftConfig(draft_max=args.draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t)
+        modes |= cost_model_variants(f"{prefix}-t{t}d{d}k{k}", cfg, shape, args.cost_model)
     return modes
 
 
+def cost_model_variants(name: str, cfg: DraftConfig, shape: dict, choice: str) -> dict[str, tuple[DraftConfig, dict]]:
+    """--cost-model on: sized by the cost model; off: fixed shapes (chains stop by confidence,
+    trees sent whole), rows named ...-fixed; both: the two side by side."""
+    on, off = (cfg, {**shape, "cost_model": True}), (replace(cfg, adaptive=False), {**shape, "cost_model": False})
+    return {"on": {name: on}, "off": {f"{name}-fixed": off}, "both": {name: on, f"{name}-fixed": off}}[choice]
+
+
 def dovetail_modes(args) -> dict[str, tuple[DraftConfig, dict]]:
-    """Every draft mode of the small draft LM, one row each: the cost-model chain and tree(s)."""
-    adaptive = not args.no_cost_model
-    modes = {"dovetail-chain": (DraftConfig(draft_max=args.draft_max, adaptive=adaptive), {"chain": True})}
-    return modes | tree_modes(args.trees or LM_TREES, "dovetail-tree", args.draft_max, adaptive)
+    """Every draft mode of the small draft LM, one row each: the chain and the tree(s)."""
+    chain = cost_model_variants("dovetail-chain", DraftConfig(draft_max=args.draft_max), {"chain": True}, args.cost_model)
+    return chain | tree_modes(args.trees or LM_TREES, "dovetail-tree", args)
 
 
 MAX_PROMPT_TOKENS = 1024  # prompts longer than this are skipped (a few ShareGPT first turns)
@@ -117,8 +124,7 @@ def run(args, home: Path) -> dict:
                 rows[name] = {"draft": args.model_draft, **shape}
             for head_dir in [h for h in (args.head or "").split(",") if h]:
                 head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
-                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args.draft_max,
-                                                        not args.no_cost_model).items():
+                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
                     name = f"{name}-{Path(head_dir).name}"
                     active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
                     rows[name] = {"draft": Path(head_dir).name, **shape}

@@ -128,7 +128,8 @@ def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
         fixed = [k for k in ("top_k", "depth", "tree_tokens") if k != axis]
         groups = {}
         for name, r in rows.items():
-            groups.setdefault((r["draft"], *(r[k] for k in fixed)), []).append((r[axis], name))
+            draft = r["draft"] + (" fixed" if r.get("cost_model") is False else "")
+            groups.setdefault((draft, *(r[k] for k in fixed)), []).append((r[axis], name))
         groups = {g: sorted(v) for g, v in groups.items() if len({x for x, _ in v}) >= 2}
         if not groups:
             continue
