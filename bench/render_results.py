@@ -25,9 +25,11 @@ def rel(path: str) -> str:
 def bench_section(res: dict) -> list[str]:
     m = res["machine"]
     shapes = {}
-    for row in res.get("rows", {}).values():
+    for row in (r for r in res.get("rows", {}).values() if "tree_tokens" in r):
         shapes.setdefault(row["draft"], set()).add(tuple(row.get(k) for k in ("top_k", "depth", "tree_tokens")))
-    kind = "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side"
+    both = {r.get("cost_model") for r in res.get("rows", {}).values()} == {True, False}
+    kind = ("Cost model on vs off (the same shapes, sized by the cost model or fixed)" if both else
+            "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side")
     out = [f"## {kind} ({', '.join(res['datasets'])})", "",
            f"Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
