@@ -52,9 +52,12 @@ def test_run_json_equals_streamed_run(pair):
 def test_ctrl_c_stops_both_processes(pair):
     target, draft = pair
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # A shell's `cmd &` starts its jobs with SIGINT ignored, and Python then leaves it ignored: give
+    # the child the default disposition so the test does not depend on how pytest was started.
     proc = subprocess.Popen([sys.executable, "-m", "dovetail_rt.cli", "run", "-m", str(target), "-md", str(draft),
                              "--dtype", "float32", "-t", "1", "--prompt", "w1", "-n", "100000", "--ignore-eos"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdout.read(20)  # generation is streaming
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "the verifier child should be running"
