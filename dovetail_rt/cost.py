@@ -27,12 +27,12 @@ class CostModel:
         self.predicted = self.accepted = 0.0  # running sums for the calibration
 
     @property
-    def ready(self) -> bool:
-        return self.t_draft is not None and len(self.t_verify) >= 2
-
-    @property
     def knows_verify(self) -> bool:
         return len(self.t_verify) >= 2
+
+    @property
+    def ready(self) -> bool:
+        return self.t_draft is not None and self.knows_verify
 
     @property
     def calibration(self) -> float:
@@ -73,7 +73,7 @@ class CostModel:
 
     def tree_size(self, scores: list[float], grow_s: float) -> int:
         """How many of a grown tree's best nodes to send (0..len(scores)); needs the curve."""
-        p = sorted((min(1.0, math.exp(sc) * self.calibration) for sc in scores), reverse=True)
+        p = sorted(self.node_chances(scores), reverse=True)
         best_n, best, expected = 0, 1.0 / (grow_s + self.verify_time(1)), 1.0
         for n, p_n in enumerate(p, start=1):
             expected += p_n
@@ -82,5 +82,9 @@ class CostModel:
                 best_n, best = n, rate
         return best_n
 
+    def node_chances(self, scores: list[float]) -> list[float]:
+        """P(node accepted) for tree nodes with these cumulative draft log-probs."""
+        return [min(1.0, math.exp(sc) * self.calibration) for sc in scores]
+
     def expected_accepted(self, scores: list[float]) -> float:
-        return sum(min(1.0, math.exp(sc) * self.calibration) for sc in scores)
+        return sum(self.node_chances(scores))

@@ -85,6 +85,18 @@ class DraftHead(nn.Module):
         dominates a head's step, and most of a 150k vocabulary is never drafted. Lossless: the
         target still verifies every token; a token outside the set is just never proposed."""
         self.register_buffer("draft_vocab", ids.long().to(self.lm_head.weight.device))
+        # its lm_head rows, built once (not saved: they come from the target like the lm_head)
+        rows = self.lm_head.weight.detach()[self.draft_vocab].contiguous()
+        self.register_buffer("draft_lm_head", rows, persistent=False)
+
+    def draft_logprobs(self, fhat: torch.Tensor) -> torch.Tensor:
+        """[n, d] predicted features -> [n, vocab] float32 log-probs; -inf outside the drafting vocabulary."""
+        if getattr(self, "draft_vocab", None) is None:
+            return self.lm_head(fhat).float().log_softmax(-1)
+        sub = (fhat @ self.draft_lm_head.T).float().log_softmax(-1)
+        logp = sub.new_full((sub.shape[0], self.lm_head.out_features), float("-inf"))
+        logp[:, self.draft_vocab] = sub
+        return logp
 
     def fuse(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """f [.., n, d] target (or predicted) features at t, x [.., n] tokens at t + 1 -> g [.., n, d]."""

@@ -177,8 +177,6 @@ class HeadDrafter:
         self.head, self.config = head, config
         self.cost, self.last_predicted = CostModel(verify_curve), 0.0  # sizes the trees
         self._new_cache = lambda: DynamicCache(config=head.trunk.config)
-        self.vocab = getattr(head, "draft_vocab", None)  # drafting vocabulary (None: all of it)
-        self.vocab_weight = None if self.vocab is None else head.lm_head.weight[self.vocab].contiguous()
         self.reset()
 
     def reset(self) -> None:
@@ -199,12 +197,7 @@ class HeadDrafter:
         fhat = self.head(f[None].to(dev), torch.tensor([x], device=dev),
                          torch.tensor([positions], device=dev), self.cache,
                          None if mask is None else mask[None, None].to(dev))[0]  # [n, d]
-        if self.vocab is None:
-            return fhat, self.head.lm_head(fhat).float().log_softmax(-1)  # [n, d], [n, vocab]
-        sub = (fhat @ self.vocab_weight.T).float().log_softmax(-1)  # over the drafting vocabulary only
-        logp = sub.new_full((sub.shape[0], self.head.lm_head.out_features), float("-inf"))
-        logp[:, self.vocab] = sub
-        return fhat, logp
+        return fhat, self.head.draft_logprobs(fhat)  # [n, d], [n, vocab]
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:

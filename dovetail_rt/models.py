@@ -41,10 +41,10 @@ def load_draft(spec: str, home: Path, dtype_name: str, device: str):
     """-> (draft, tokenizer or None): a Dovetail head folder (detected by its config) or a small LM.
 
     ``dtype_name`` auto = float16 on CUDA; on the CPU int8 (dynamic quantization) for an LM and
-    bfloat16 for a head where the CPU has BF16 instructions, else float32 (a 1-layer head's tree
-    step for the 1.5B target: 284 ms in float32, 73 ms in bfloat16 on the 2-core dev CPU). Draft precision never changes the output (verification is lossless); it
-    moves the acceptance rate a little and the draft time a lot: on the 2-core dev CPU one 0.5B
-    draft token took 148 / 75 / 41 ms in float32 / bfloat16 / int8.
+    bfloat16 for a head where the CPU has BF16 instructions, else float32. Draft precision never
+    changes the output (verification is lossless); it moves the acceptance rate a little and the
+    draft time a lot. On the 2-core dev CPU one 0.5B draft token took 148 / 75 / 41 ms in float32 /
+    bfloat16 / int8, and a 1-layer head's tree step for the 1.5B target 284 / 73 ms in float32 / bfloat16.
     """
     from . import draft_head
 

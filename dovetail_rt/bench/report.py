@@ -83,13 +83,29 @@ def table(dataset: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
-    """Speedup bars per dataset and tokens/s per system (PNG)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _title(results: dict) -> str:
+    return f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}"
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return str(path)
+
+
+def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
+    """Speedup bars per dataset and tokens/s per system (PNG)."""
+    plt = _pyplot()
     files = []
     datasets = list(results["datasets"])
     systems = sorted({s for d in datasets for s in results["datasets"][d]["summary"]})
@@ -104,24 +120,16 @@ def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks([x + width * (len(datasets) - 1) / 2 for x in range(len(systems))], systems, rotation=20, fontsize=8)
         ax.set_ylabel(label)
-        ax.set_title(f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}", fontsize=8)
+        ax.set_title(_title(results), fontsize=8)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{stem}-{fname}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
+        files.append(_save(fig, out_dir / f"{stem}-{fname}.png"))
     return files
 
 
 def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
     """tau and speedup against tree size and against depth, one line per draft and dataset, for
     every group of dovetail rows that differ only in that one setting (PNG; none without a sweep)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = {n: r for n, r in results.get("rows", {}).items() if "tree_tokens" in r}
     files = []
     for axis, label in (("tree_tokens", "tree size (tokens, root included)"), ("depth", "tree depth")):
@@ -146,12 +154,8 @@ def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=6)
-        fig.suptitle(f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}", fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{stem}-sweep-{axis}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
+        fig.suptitle(_title(results), fontsize=8)
+        files.append(_save(fig, out_dir / f"{stem}-sweep-{axis}.png"))
     return files
 
 
