@@ -45,3 +45,17 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
     assert written["rows"]["dovetail-tree-t8d3k2-fixed"] == {"draft": str(draft_dir), "top_k": 2, "depth": 3,
                                                              "tree_tokens": 8, "cost_model": False}
     assert all(os.path.exists(p) for p in written["plots"])
+
+
+def test_summary_of_a_draft_that_drafted_nothing():
+    """A cost model may judge no draft token worth its verify cost: that row still has tau 1 and
+    no acceptance figure (CI once failed on a KeyError here), and speedups pair prompts in order."""
+    from dovetail_rt.bench.report import summarize
+    from dovetail_rt.bench.systems import Run
+
+    target = [Run([1, 2, 3], 1.0, 0.5, n_steps=2), Run([4, 5], 1.0, 0.5, n_steps=1)]
+    silent = [Run([1, 2, 3], 0.75, 0.5, n_steps=2), Run([4, 5], 0.75, 0.5, n_steps=1)]
+    summary = summarize({"target": target, "dovetail-tree": silent}, "target", {0: [1, 2, 3], 1: [4, 5]})
+    row = summary["dovetail-tree"]
+    assert row["tau"] == 1.0 and "accept_pct" not in row
+    assert row["speedup_vs_target_median"] == 2.0 and row["identical_pct"] == 100
