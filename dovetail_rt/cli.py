@@ -149,15 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extract the target's last-layer features over a corpus (teacher forcing, cached, "
                                    "resumable), then train a feature-level draft head (DGF or fc fusion).")
     p.add_argument("-m", "--model", default=store.DEFAULT_TARGET, help=f"target (default {store.DEFAULT_TARGET})")
-    p.add_argument("--data", default="sharegpt", help="sharegpt (its training slice) or FILE.jsonl ({\"text\"} or {\"messages\"} a line)")
+    p.add_argument("--data", default="sharegpt",
+                   help="corpora, comma-separated: sharegpt (its training slice), python (the standard library's "
+                        "source: code text no bench prompt comes from), or FILE.jsonl ({\"text\"} or {\"messages\"} a line)")
     p.add_argument("--out", required=True, help="head folder to write (config.json + model.safetensors); resumes if present")
     p.add_argument("--layers", type=int, default=1, help="decoder layers in the head, 1..6 (default 1)")
     p.add_argument("--fusion", default="dgf", choices=["dgf", "fc"], help="Dynamic Gating Fusion, or EAGLE's fc (ablation)")
-    p.add_argument("--max-tokens", type=int, default=200_000, help="tokens of target features to extract (default 200k)")
+    p.add_argument("--max-tokens", default="200000",
+                   help="tokens of target features to extract per corpus: one number, or one per --data corpus (default 200000)")
     p.add_argument("--max-len", type=int, default=1024, help="longest conversation in tokens (default 1024)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the extracted tokens (default 1)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default 3e-5, the paper's)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then a cosine decay to 10%% of --lr (default 50)")
     p.add_argument("--eval-every", type=int, default=200, help="held-out evaluation and checkpoint every N steps (default 200)")
     p.add_argument("--draft-vocab", type=int, default=32768,
                    help="draft from the N most frequent corpus tokens only (default 32768; 0 = the whole vocabulary): "
@@ -356,12 +359,21 @@ def cmd_train_head(args) -> int:
     home = dovetail_home()
     target_dir, _ = store.resolve(args.model, home)
     dtype = models.resolve_dtype(args.extract_dtype)
-    feats = train_head.feature_dir(home, args.model, args.data, str(dtype), args.max_len)
+    specs = args.data.split(",")
+    budgets = [int(float(t)) for t in str(args.max_tokens).split(",")]
+    if len(budgets) == 1:
+        budgets *= len(specs)
+    if len(budgets) != len(specs):
+        raise ValueError(f"--max-tokens has {len(budgets)} values for {len(specs)} --data corpora: give one, or one each")
     target, tokenizer = models.load_model(args.model, home, dtype)
-    manifest = train_head.extract(target, tokenizer, args.data, feats, args.max_tokens, args.max_len)
+    seqs, feature_tokens = [], 0
+    for spec, budget in zip(specs, budgets):  # each corpus has its own feature cache
+        feats = train_head.feature_dir(home, args.model, spec, str(dtype), args.max_len)
+        manifest = train_head.extract(target, tokenizer, spec, feats, budget, args.max_len)
+        print(f"features: {manifest['tokens']} tokens from {manifest['records']} {spec} records in {feats}", file=sys.stderr)
+        seqs += train_head.load_sequences(feats)
+        feature_tokens += manifest["tokens"]
     del target
-    print(f"features: {manifest['tokens']} tokens from {manifest['records']} records in {feats}", file=sys.stderr)
-    seqs = train_head.load_sequences(feats)
     out = Path(args.out)
     head = train_head.build_head(args.model, Path(target_dir), args.layers, args.fusion, not args.no_init_from_target)
     if args.draft_vocab:
@@ -369,7 +381,7 @@ def cmd_train_head(args) -> int:
     cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
                                  ckpt_every=args.eval_every, autocast=not args.no_autocast)
     meta = train_head.train(head, seqs, out, cfg, resolve_device(args.device),
-                            {"target": args.model, "data": args.data, "feature_tokens": manifest["tokens"],
+                            {"target": args.model, "data": args.data, "feature_tokens": feature_tokens,
                              "extract_dtype": str(dtype), "init_from_target": not args.no_init_from_target,
                              "command": "dovetail " + " ".join(sys.argv[1:])})
     last = meta["history"][-1]

@@ -78,3 +78,29 @@ def load(name: str) -> list[Prompt]:
     if name not in loaders:
         raise ValueError(f"unknown dataset '{name}': choose {', '.join(loaders)}")
     return loaders[name]()
+
+
+def python_stdlib_pieces(lines_per_piece: int = 60, seed: int = 0):
+    """Training code text that no bench prompt comes from: the running Python's own standard
+    library (its test suites left out), cut into pieces of ``lines_per_piece`` lines and yielded
+    in a seeded shuffle, so that a token budget samples the whole library, not its first modules."""
+    import random
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
+    pieces = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts):
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (UnicodeDecodeError, OSError):
+            continue
+        for start in range(0, len(lines), lines_per_piece):
+            piece = "".join(lines[start : start + lines_per_piece])
+            if piece.strip():
+                pieces.append((f"{rel}:{start + 1}", piece))
+    random.Random(seed).shuffle(pieces)
+    yield from pieces
