@@ -6,11 +6,13 @@
 T_V(q) is the verifier's forward time over q tokens (root + k drafts): a prior from the
 verifier's measured curve (``dovetail bench --verify-curve``, sent in WELCOME) refined online
 from the ``verify_s`` of every step; T_D is the draft's time per token, measured online. The
-acceptance chance of each draft token is the draft's own probability times a running calibration.
+acceptance chance of each draft token is the draft's own probability times a running calibration
+per depth (accepted over predicted).
 
 Trees: once a tree is grown its draft time is spent, so only verification depends on its size:
 keep the n best nodes maximising (1 + sum_{i<=n} P(node i accepted)) / (T_grow + T_V(n + 1)),
-with P(node) = exp(cumulative draft log-prob) times the calibration.
+with P(node) = exp(cumulative draft log-prob) times the calibration of its depth (a chain is a
+tree whose depths are its positions).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class CostModel:
     def __init__(self, verify_curve: dict | None = None):
         self.t_verify = {int(q): float(t) for q, t in (verify_curve or {}).items()}  # q -> seconds
         self.t_draft: float | None = None  # seconds per draft token
-        self.predicted = self.accepted = 0.0  # running sums for the calibration
+        self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
+        self.accepted: list[float] = []
 
     @property
     def knows_verify(self) -> bool:
@@ -34,21 +37,29 @@ class CostModel:
     def ready(self) -> bool:
         return self.t_draft is not None and self.knows_verify
 
-    @property
-    def calibration(self) -> float:
-        if self.predicted < 1.0:
-            return 1.0
-        return min(max(self.accepted / self.predicted, 0.25), 2.0)
+    def calibration(self, depth: int) -> float:
+        """accepted / predicted at this draft depth (1 = the root's children). Draft probabilities
+        drift from the truth differently at each depth (errors compound down a path), so each
+        depth has its own factor; a depth without enough steps yet borrows the one above it."""
+        c = 1.0
+        for d in range(min(depth, len(self.predicted))):
+            if self.predicted[d] >= 1.0:
+                c = min(max(self.accepted[d] / self.predicted[d], 0.05), 2.0)
+        return c
 
-    def observe(self, n_drafted: int, n_accepted: int, predicted: float, verify_s: float, draft_s: float) -> None:
+    def observe(self, n_drafted: int, n_accepted: int, predicted: list[float], verify_s: float, draft_s: float) -> None:
+        """One verified step. ``predicted[d]``: the draft's own (uncalibrated) chances summed over
+        the nodes at depth d + 1, i.e. its estimate of P(accepted length > d)."""
         q = n_drafted + 1
         old = self.t_verify.get(q)
         self.t_verify[q] = verify_s if old is None else (1 - EMA) * old + EMA * verify_s
         per_token = draft_s / (n_drafted + 1)  # one catch-up forward + one per drafted token
         self.t_draft = per_token if self.t_draft is None else (1 - EMA) * self.t_draft + EMA * per_token
-        if n_drafted:
-            self.predicted = (1 - EMA) * self.predicted + predicted
-            self.accepted = (1 - EMA) * self.accepted + n_accepted
+        for d, p in enumerate(predicted if n_drafted else []):
+            if d == len(self.predicted):
+                self.predicted.append(0.0), self.accepted.append(0.0)
+            self.predicted[d] = (1 - EMA) * self.predicted[d] + p
+            self.accepted[d] = (1 - EMA) * self.accepted[d] + (n_accepted > d)
 
     def verify_time(self, q: int) -> float:
         """Measured T_V(q), interpolated / extrapolated linearly between the known points."""
@@ -71,20 +82,37 @@ class CostModel:
         k = len(p_all)
         return (1.0 + sum(p_all)) / (k * self.t_draft + self.verify_time(k + 1))
 
-    def tree_size(self, scores: list[float], grow_s: float) -> int:
-        """How many of a grown tree's best nodes to send (0..len(scores)); needs the curve."""
-        p = sorted(self.node_chances(scores), reverse=True)
+    def tree_size(self, chances: list[float], grow_s: float) -> int:
+        """How many of a grown tree's best nodes to send (0..len(chances)); needs the curve."""
         best_n, best, expected = 0, 1.0 / (grow_s + self.verify_time(1)), 1.0
-        for n, p_n in enumerate(p, start=1):
+        for n, p_n in enumerate(sorted(chances, reverse=True), start=1):
             expected += p_n
             rate = expected / (grow_s + self.verify_time(n + 1))
             if rate > best:
                 best_n, best = n, rate
         return best_n
 
-    def node_chances(self, scores: list[float]) -> list[float]:
-        """P(node accepted) for tree nodes with these cumulative draft log-probs."""
-        return [min(1.0, math.exp(sc) * self.calibration) for sc in scores]
+    def node_chances(self, scores: list[float], parents: list[int]) -> list[float]:
+        """P(node accepted) for draft nodes 1..n (wire layout: ``parents[i - 1]`` of node i, 0 = the
+        root) with cumulative draft log-probs ``scores``: exp(score) times its depth's calibration,
+        never above its parent's, so the most likely nodes always include their ancestors."""
+        chances, depths = [], []
+        for score, parent in zip(scores, parents):
+            depth = depths[parent - 1] + 1 if parent else 1
+            cap = chances[parent - 1] if parent else 1.0
+            chances.append(min(cap, math.exp(score) * self.calibration(depth)))
+            depths.append(depth)
+        return chances
 
-    def expected_accepted(self, scores: list[float]) -> float:
-        return sum(self.node_chances(scores))
+
+def raw_chances_by_depth(scores: list[float], parents: list[int]) -> list[float]:
+    """The draft's own chances, exp(cumulative log-prob), summed per depth: what
+    ``CostModel.observe`` compares with the accepted lengths."""
+    sums, depths = [], []
+    for score, parent in zip(scores, parents):
+        depth = depths[parent - 1] + 1 if parent else 1
+        depths.append(depth)
+        if depth > len(sums):
+            sums.append(0.0)
+        sums[depth - 1] += math.exp(score)
+    return sums

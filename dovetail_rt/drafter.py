@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import models, tree
 from .config import DraftConfig
-from .cost import CostModel
+from .cost import CostModel, raw_chances_by_depth
 from .tree import DraftTree
 
 
@@ -35,12 +35,13 @@ class Feedback:
     draft_s: float = 0.0
 
 
-def size_tree(draft: DraftTree, cost: CostModel, config: DraftConfig, started: float) -> tuple[DraftTree, float]:
+def size_tree(draft: DraftTree, cost: CostModel, config: DraftConfig, started: float) -> tuple[DraftTree, list[float]]:
     """Cut a grown tree to the size the cost model prefers (unless adaptive is off); returns it
-    and its expected accepted length, which calibrates the next estimates."""
+    and the draft's own chances per depth, which calibrate the next estimates."""
     if config.adaptive and cost.knows_verify:
-        draft = tree.prune(draft, cost.tree_size(draft.scores, time.perf_counter() - started))
-    return draft, cost.expected_accepted(draft.scores)
+        chances = cost.node_chances(draft.scores, draft.parents)
+        draft = tree.prune(draft, cost.tree_size(chances, time.perf_counter() - started), chances)
+    return draft, raw_chances_by_depth(draft.scores, draft.parents)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -81,7 +82,7 @@ class DraftLM:
     def __init__(self, model, config: DraftConfig, verify_curve: dict | None = None):
         self.model, self.config = model, config
         self.cost = CostModel(verify_curve)
-        self.last_predicted = 0.0
+        self.last_predicted: list[float] = []  # the last draft's own chances per depth
         self.reset()
 
     def reset(self) -> None:
@@ -119,7 +120,8 @@ class DraftLM:
         while len(tokens) < min(budget, cfg.draft_max):
             logp = logits.float().log_softmax(-1)
             lp, tok = (t.item() for t in logp.max(-1))
-            p_next = min(1.0, (p_all[-1] if p_all else 1.0) * math.exp(lp) * cost.calibration)
+            score = (scores[-1] if scores else 0.0) + lp
+            p_next = min(p_all[-1] if p_all else 1.0, math.exp(score) * cost.calibration(len(tokens) + 1))
             if len(tokens) >= cfg.draft_min:
                 if cost.ready and cfg.adaptive:
                     if cost.rate(p_all + [p_next]) < cost.rate(p_all):
@@ -127,12 +129,12 @@ class DraftLM:
                 elif lp < _log(cfg.p_min):
                     break
             tokens.append(tok)
-            scores.append((scores[-1] if scores else 0.0) + lp)
+            scores.append(score)
             p_all.append(p_next)
             if len(tokens) < min(budget, cfg.draft_max):
                 logits, _ = models.forward(self.model, self.cache, [tok], [len(self.cached)])
                 self.cached.append(tok)
-        self.last_predicted = sum(p_all)
+        self.last_predicted = [math.exp(sc) for sc in scores]
         return DraftTree.chain(tokens, scores)
 
     def _tree(self, committed: list[int], logits: torch.Tensor, budget: int) -> DraftTree:
@@ -175,7 +177,7 @@ class HeadDrafter:
         from transformers import DynamicCache
 
         self.head, self.config = head, config
-        self.cost, self.last_predicted = CostModel(verify_curve), 0.0  # sizes the trees
+        self.cost, self.last_predicted = CostModel(verify_curve), []  # sizes the trees
         self._new_cache = lambda: DynamicCache(config=head.trunk.config)
         self.reset()
 

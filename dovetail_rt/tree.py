@@ -26,12 +26,13 @@ class DraftTree:
         return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
 
 
-def prune(t: DraftTree, n: int) -> DraftTree:
-    """The ``n`` best nodes of a tree by score, still a tree in wire layout (a child never
-    outscores its parent and ties keep the older node, so every kept node keeps its ancestors)."""
+def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
+    """The ``n`` best nodes of a tree by ``rank`` (default: score), still a tree in wire layout (a
+    child never outranks its parent and ties keep the older node, so kept nodes keep their ancestors)."""
     if n >= len(t):
         return t
-    keep = sorted(sorted(range(len(t)), key=lambda i: (-t.scores[i], i))[:n])
+    rank = t.scores if rank is None else rank
+    keep = sorted(sorted(range(len(t)), key=lambda i: (-rank[i], i))[:n])
     new_id = {0: 0, **{old + 1: j + 1 for j, old in enumerate(keep)}}
     return DraftTree([t.tokens[i] for i in keep], [new_id[t.parents[i]] for i in keep], [t.scores[i] for i in keep])
 

@@ -18,13 +18,13 @@ def test_verify_time_interpolates_and_extrapolates():
 def test_not_ready_until_draft_time_is_measured():
     cost = CostModel(CURVE)
     assert not cost.ready
-    cost.observe(n_drafted=3, n_accepted=2, predicted=2.0, verify_s=0.28, draft_s=0.16)
+    cost.observe(n_drafted=3, n_accepted=2, predicted=[0.9, 0.7, 0.4], verify_s=0.28, draft_s=0.16)
     assert cost.ready and cost.t_draft == pytest.approx(0.04)
 
 
 def test_longer_drafts_pay_only_while_acceptance_is_likely():
     cost = CostModel(CURVE)
-    cost.observe(3, 3, 3.0, 0.28, 0.16)  # 40 ms per draft token
+    cost.observe(3, 3, [1.0, 1.0, 1.0], 0.28, 0.16)  # 40 ms per draft token
     confident = [0.95 ** (j + 1) for j in range(8)]
     unsure = [0.3 ** (j + 1) for j in range(8)]
     best = lambda p: max(range(9), key=lambda k: cost.rate(p[:k]))
@@ -32,22 +32,43 @@ def test_longer_drafts_pay_only_while_acceptance_is_likely():
     assert best(unsure) <= 1
 
 
-def test_calibration_follows_observed_acceptance():
+def test_calibration_follows_observed_acceptance_per_depth():
     cost = CostModel(CURVE)
-    for _ in range(20):
-        cost.observe(4, 1, 3.0, 0.3, 0.2)  # predicted 3 accepted, got 1
-    assert cost.calibration == pytest.approx(1 / 3, rel=0.05)
+    for _ in range(20):  # the draft expects 0.9 / 0.8 / 0.6 at depths 1-3; its first token always
+        cost.observe(3, 1, [0.9, 0.8, 0.6], 0.3, 0.2)  # lands, never the second
+    assert cost.calibration(1) == pytest.approx(1 / 0.9, rel=0.05)
+    assert cost.calibration(2) == 0.05  # the floor
+    assert cost.calibration(5) == cost.calibration(3)  # no data that deep: the depth above's
+    assert CostModel(CURVE).calibration(1) == 1.0
+    cost.observe(0, 0, [0.9], 0.2, 0.01)  # nothing drafted (a tree cut to zero): nothing learned
+    assert cost.calibration(1) == pytest.approx(1 / 0.9, rel=0.05)
 
 
 def test_tree_size_keeps_nodes_while_they_pay_for_their_verification():
     import math
 
     cost = CostModel(CURVE)
-    likely = [math.log(0.9 ** (j + 1)) for j in range(15)]  # a deep, confident chain-like tree
-    unlikely = [math.log(0.05)] * 15  # fifteen long shots
+    chain = list(range(15))  # node i + 1's parent is node i
+    likely = cost.node_chances([math.log(0.9 ** (j + 1)) for j in range(15)], chain)  # deep, confident
+    unlikely = cost.node_chances([math.log(0.05)] * 15, [0] * 15)  # fifteen long shots
     assert cost.tree_size(likely, grow_s=0.1) >= 8
     assert cost.tree_size(unlikely, grow_s=0.1) == 0
-    assert cost.expected_accepted([0.0, math.log(0.5)]) == pytest.approx(1.5)
+
+
+def test_node_chances_never_exceed_their_parents():
+    """Depth 2 calibrated far above depth 1: a child still ranks below its parent, so pruning by
+    chance keeps every kept node's ancestors."""
+    import math
+
+    from dovetail_rt.cost import raw_chances_by_depth
+
+    cost = CostModel(CURVE)
+    for _ in range(20):
+        cost.observe(2, 2, [0.9, 0.5], 0.3, 0.2)
+    scores, parents = [math.log(0.9), math.log(0.45), math.log(0.05)], [0, 1, 0]
+    chances = cost.node_chances(scores, parents)
+    assert chances[1] <= chances[0] and cost.calibration(2) > cost.calibration(1)
+    assert raw_chances_by_depth(scores, parents) == pytest.approx([0.95, 0.45])
 
 
 def test_pruned_tree_is_a_tree_of_the_best_nodes():
@@ -63,6 +84,13 @@ def test_pruned_tree_is_a_tree_of_the_best_nodes():
         assert len(t) == n and all(0 <= p < i for i, p in enumerate(t.parents, start=1))
         assert sorted(t.scores, reverse=True) == sorted(grown.scores, reverse=True)[:n]
         assert set(_paths(t)) <= set(_paths(grown)), "every kept node keeps its own ancestors"
+    cost = CostModel(CURVE)  # ranked by calibrated chances (deeper nodes boosted) instead of scores
+    for _ in range(20):
+        cost.observe(4, 4, [0.5, 0.2, 0.1, 0.05], 0.3, 0.2)
+    chances = cost.node_chances(grown.scores, grown.parents)
+    for n in range(len(grown) + 1):
+        t = tree.prune(grown, n, chances)
+        assert len(t) == n and set(_paths(t)) <= set(_paths(grown))
 
 
 def _paths(t):
