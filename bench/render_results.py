@@ -22,7 +22,7 @@ def rel(path: str) -> str:
     return f"results/{p.name}"
 
 
-def bench_section(res: dict) -> list[str]:
+def bench_section(res: dict, name: str) -> list[str]:
     m = res["machine"]
     shapes = {}
     for row in (r for r in res.get("rows", {}).values() if "tree_tokens" in r):
@@ -30,8 +30,9 @@ def bench_section(res: dict) -> list[str]:
     both = {r.get("cost_model") for r in res.get("rows", {}).values()} == {True, False}
     kind = ("Cost model on vs off (the same shapes, sized by the cost model or fixed)" if both else
             "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side")
+    commit = f" at commit {res['commit']}" if res.get("commit") else ""
     out = [f"## {kind} ({', '.join(res['datasets'])})", "",
-           f"Command: `{res['command']}`  ",
+           f"Run `{name}`{commit}. Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
            f"torch {m['torch']}, transformers {m['transformers']}; target dtype {m['target_dtype']}; "
            f"greedy {res['temperature'] == 0}, {res['n_new_tokens']} new tokens per prompt.", ""]
@@ -103,7 +104,7 @@ def main() -> None:
              "Regenerate with `bash bench/run_all.sh` (all numbers below come from the files in `bench/results/`, "
              "written by the commands shown; nothing is typed in by hand).", ""]
     for f in args.bench or [p for p in [newest("bench-*.json")] if p]:
-        lines += bench_section(json.loads(Path(f).read_text()))
+        lines += bench_section(json.loads(Path(f).read_text()), Path(f).stem)
     curve = args.curve or newest("verify-curve-*.json")
     if curve:
         lines += curve_section(json.loads(Path(curve).read_text()))

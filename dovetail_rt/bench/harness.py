@@ -104,7 +104,8 @@ def run(args, home: Path) -> dict:
     limits = limits * len(datasets) if len(limits) == 1 else limits
     prompt_sets = [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
     eos = None
-    results = {"command": args.command_line, "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
+    results = {"command": args.command_line, "commit": report.code_version(),
+               "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
                "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
     rows = results["rows"] = {}  # dovetail row -> its draft and tree shape (for the sweep plots)
     with VerifierChild(args.model, dtype_name) as child:
