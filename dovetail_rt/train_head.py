@@ -176,8 +176,10 @@ def head_loss(head: DraftHead, tokens: torch.Tensor, feats: torch.Tensor, cfg: T
     logits = fhat @ rows.T
     with torch.no_grad():
         p = (f_next @ rows.T).softmax(-1)
-        mine = logits.argmax(-1) if vocab is None else vocab[logits.argmax(-1)]
-        theirs = head.lm_head(f_next).argmax(-1) if not train or vocab is None else vocab[p.argmax(-1)]
+        mine, theirs = logits.argmax(-1), p.argmax(-1)
+        if vocab is not None:
+            mine = vocab[mine]
+            theirs = vocab[theirs] if train else head.lm_head(f_next).argmax(-1)
         hits = (mine == theirs).sum().item()
     loss_ce = -(p * logits.log_softmax(-1)).sum(-1).mean()
     return loss_f + cfg.ce_weight * loss_ce, hits, len(x)

@@ -26,6 +26,14 @@ class DraftTree:
         return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
 
 
+def depths(parents: list[int]) -> list[int]:
+    """Depth of draft nodes 1..n in wire layout (``parents[i - 1]`` of node i, 0 = the root): 1 = a root child."""
+    out: list[int] = []
+    for p in parents:
+        out.append(out[p - 1] + 1 if p else 1)
+    return out
+
+
 def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
     """The ``n`` best nodes of a tree by ``rank`` (default: score), still a tree in wire layout (a
     child never outranks its parent and ties keep the older node, so kept nodes keep their ancestors)."""

@@ -75,7 +75,6 @@ def summarize(runs: dict[str, list], baseline: str | None, reference: dict[int, 
         if steps:  # llama.cpp reports drafted / accepted counts but not its steps: no tau there
             # a cost model that drafts nothing (no token worth its verify cost) still decodes: tau 1
             row["tau"] = (accepted + steps) / steps
-        if steps:
             for key in ("draft_s", "verify_s", "link_s"):
                 row[f"{key[:-2]}_ms_per_step"] = 1000 * sum(r.timings.get(key, 0.0) for r in rs) / steps
         if reference:

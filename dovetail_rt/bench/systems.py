@@ -31,10 +31,6 @@ class Run:
         n, t = len(self.token_ids) - 1, self.seconds - self.ttft_s
         return n / t if n > 0 and t > 0 else 0.0
 
-    @property
-    def tau(self) -> float:
-        return (self.n_accepted + self.n_steps) / self.n_steps if self.n_steps else 1.0
-
 
 class DovetailSystem:
     """A Client on a verifier process; ``draft=None`` is the `target` baseline."""
