@@ -75,12 +75,22 @@ def test_frequent_vocab():
     assert frequent_vocab(seqs, 50, 12).shape == (12,)
 
 
+# adaptive=False with p_min=0: fixed sizes, so every case surely drafts whatever this machine's
+# timings are (the untrained head is rarely right, so the cost model may rightly draft nothing:
+# its cases check equality only).
+HEAD_DRAFTS = {
+    "chain": (DraftConfig(tree_top_k=1, draft_max=4, p_min=0.0, adaptive=False), None),
+    "tree": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10, adaptive=False), None),
+    "tree-draft-vocab": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10, adaptive=False), "even"),
+    "chain-cost-model": (DraftConfig(tree_top_k=1, draft_max=4), None),
+    "tree-cost-model": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), None),
+}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("draft_config,vocab", [(DraftConfig(tree_top_k=1, draft_max=4), None),
-                                                (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), None),
-                                                (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), "even")],
-                         ids=["chain", "tree", "tree-draft-vocab"])
-def test_greedy_with_head_equals_target(verifier, target, tiny_dir, draft_config, vocab):
+@pytest.mark.parametrize("name", HEAD_DRAFTS)
+def test_greedy_with_head_equals_target(verifier, target, tiny_dir, name):
+    draft_config, vocab = HEAD_DRAFTS[name]
     head = make_head(tiny_dir, layers=1).eval()
     if vocab:  # a drafting vocabulary without half of the target's tokens: still lossless
         head.set_draft_vocab(torch.arange(0, 99, 2))
@@ -88,7 +98,8 @@ def test_greedy_with_head_equals_target(verifier, target, tiny_dir, draft_config
         for prompt in PROMPTS:
             out = client.generate(prompt, max_new_tokens=30)
             assert out.token_ids == target_greedy(target, prompt, 30)
-            assert out.stats.n_drafted > 0
+            if not draft_config.adaptive:
+                assert out.stats.n_drafted > 0
             if vocab:
                 assert any(t % 2 for t in out.token_ids), "the target's odd tokens still come out"
 
