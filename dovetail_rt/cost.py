@@ -13,6 +13,10 @@ Trees: once a tree is grown its draft time is spent, so only verification depend
 keep the n best nodes maximising (1 + sum_{i<=n} P(node i accepted)) / (T_grow + T_V(n + 1)),
 with P(node) = exp(cumulative draft log-prob) times the calibration of its depth (a chain is a
 tree whose depths are its positions).
+
+Probes: the calibration learns only from drafted tokens, so a bad stretch that sends it to its
+floor would switch drafting off for good. After PROBE_EVERY steps in a row without a draft, the
+next step drafts at least one token (its cost: one draft token and one more verified position).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from . import tree
 
 EMA = 0.2
+PROBE_EVERY = 16
 
 
 class CostModel:
@@ -30,6 +35,7 @@ class CostModel:
         self.t_draft: float | None = None  # seconds per draft token
         self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
         self.accepted: list[float] = []
+        self.idle_steps = 0  # steps in a row that drafted nothing
 
     @property
     def knows_verify(self) -> bool:
@@ -38,6 +44,11 @@ class CostModel:
     @property
     def ready(self) -> bool:
         return self.t_draft is not None and self.knows_verify
+
+    @property
+    def probing(self) -> bool:
+        """Draft at least one token this step, whatever the rate says (see the module's doc)."""
+        return self.idle_steps >= PROBE_EVERY
 
     def calibration(self, depth: int) -> float:
         """accepted / predicted at this draft depth (1 = the root's children). Draft probabilities
@@ -53,6 +64,7 @@ class CostModel:
         """One verified step. ``predicted[d]``: the draft's own (uncalibrated) chances summed over
         the nodes at depth d + 1, i.e. its estimate of P(accepted length > d)."""
         q = n_drafted + 1
+        self.idle_steps = 0 if n_drafted else self.idle_steps + 1
         old = self.t_verify.get(q)
         self.t_verify[q] = verify_s if old is None else (1 - EMA) * old + EMA * verify_s
         per_token = draft_s / (n_drafted + 1)  # one catch-up forward + one per drafted token
@@ -85,14 +97,15 @@ class CostModel:
         return (1.0 + sum(p_all)) / (k * self.t_draft + self.verify_time(k + 1))
 
     def tree_size(self, chances: list[float], grow_s: float) -> int:
-        """How many of a grown tree's best nodes to send (0..len(chances)); needs the curve."""
+        """How many of a grown tree's best nodes to send (0..len(chances), at least 1 when probing);
+        needs the curve."""
         best_n, best, expected = 0, 1.0 / (grow_s + self.verify_time(1)), 1.0
         for n, p_n in enumerate(sorted(chances, reverse=True), start=1):
             expected += p_n
             rate = expected / (grow_s + self.verify_time(n + 1))
             if rate > best:
                 best_n, best = n, rate
-        return best_n
+        return max(best_n, min(len(chances), int(self.probing)))
 
     def node_chances(self, scores: list[float], parents: list[int]) -> list[float]:
         """P(node accepted) for draft nodes 1..n (wire layout: ``parents[i - 1]`` of node i, 0 = the

@@ -99,3 +99,22 @@ def _paths(t):
     for tok, parent, score in zip(t.tokens, t.parents, t.scores):
         paths.append(((paths[parent - 1][0] if parent else ()) + (tok,), score))
     return paths
+
+
+def test_a_draft_switched_off_is_probed_again():
+    """A bad stretch sends the calibration to its floor and drafting stops; every PROBE_EVERY idle
+    steps one token is drafted anyway, so good acceptance can switch drafting back on."""
+    from dovetail_rt.cost import PROBE_EVERY
+
+    cost = CostModel(CURVE)
+    for _ in range(20):
+        cost.observe(1, 0, [0.5], 0.24, 0.08)  # the draft is always wrong
+    long_shot = cost.node_chances([-0.7], [0])  # the draft says 0.5; calibrated: the floor
+    assert cost.tree_size(long_shot, grow_s=0.04) == 0 and not cost.probing
+    for _ in range(PROBE_EVERY):
+        cost.observe(0, 0, [], 0.22, 0.04)
+    assert cost.probing and cost.tree_size(long_shot, grow_s=0.04) == 1
+    assert cost.tree_size([], grow_s=0.04) == 0  # nothing grown, nothing to send
+    for _ in range(10):  # the probes land: the calibration recovers
+        cost.observe(1, 1, [0.5], 0.24, 0.08)
+    assert not cost.probing and cost.calibration(1) > 1.0
