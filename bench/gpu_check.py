@@ -60,15 +60,23 @@ def check_lossless() -> dict:
     results = {}
     proc = VerifierProcess(folder)
     try:
-        for name, cfg in {"chain": DraftConfig(tree_top_k=1, draft_max=4),
-                          "tree": DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10)}.items():
-            same = []
+        fixed = dict(p_min=0.0, adaptive=False)  # fixed sizes: every step drafts
+        cases = {"chain": (DraftConfig(tree_top_k=1, draft_max=4, **fixed), None),
+                 "tree": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10, **fixed), None),
+                 "tree-cost-model": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10), None),
+                 "tree-draft-vocab": (DraftConfig(tree_top_k=3, tree_depth=4, tree_tokens=10, **fixed),
+                                      torch.arange(0, target.config.vocab_size, 2))}  # last: it stays set
+        for name, (cfg, vocab) in cases.items():
+            same, drafted = [], 0
+            if vocab is not None:
+                head.set_draft_vocab(vocab)
             with Client(verifier=proc.endpoint, draft=head, device=DEVICE, draft_config=cfg, timeout_s=60) as client:
                 for prompt in ([5], [5, 7, 9, 11], list(range(1, 30))):
                     out = client.generate(prompt, 30)
                     ref = target.generate(torch.tensor([prompt]), max_new_tokens=30, min_new_tokens=30, do_sample=False)
                     same.append(out.token_ids == ref[0, len(prompt):].tolist())
-            results[name] = {"prompts": len(same), "identical": sum(same)}
+                    drafted += out.stats.n_drafted
+            results[name] = {"prompts": len(same), "identical": sum(same), "drafted": drafted}
     finally:
         proc.stop()
     results["head_device"] = str(next(head.parameters()).device)

@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bench", nargs="*", default=None)
     ap.add_argument("--curve", default=None)
-    ap.add_argument("--gpu", default=None)
+    ap.add_argument("--gpu", nargs="*", default=None, help="GPU check files (default: every gpu_check-*.json)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end (reading of the numbers)")
     args = ap.parse_args()
     lines = ["# dovetail_rt benchmark results", "",
@@ -108,9 +108,8 @@ def main() -> None:
     curve = args.curve or newest("verify-curve-*.json")
     if curve:
         lines += curve_section(json.loads(Path(curve).read_text()))
-    gpu = args.gpu or newest("gpu_check-*.json")
-    if gpu:
-        lines += gpu_section(json.loads(Path(gpu).read_text()))
+    for f in args.gpu if args.gpu is not None else sorted(map(str, RESULTS.glob("gpu_check-*.json"))):
+        lines += gpu_section(json.loads(Path(f).read_text()))
     if args.notes:
         lines += [Path(args.notes).read_text()]
     print("\n".join(lines))
