@@ -59,3 +59,19 @@ def test_summary_of_a_draft_that_drafted_nothing():
     row = summary["dovetail-tree"]
     assert row["tau"] == 1.0 and "accept_pct" not in row
     assert row["speedup_vs_target_median"] == 2.0 and row["identical_pct"] == 100
+
+
+def test_head_depth_sweep_is_plotted(tmp_path):
+    """Heads of 1 and 2 layers with the same fusion and tree shape make a head-depth sweep plot;
+    a lone head depth (the fc head here) makes no line of its own."""
+    from dovetail_rt.bench.report import sweep_plots
+
+    shape = {"top_k": 4, "depth": 5, "tree_tokens": 8}
+    rows = {f"dovetail-head-{f}-l{n}": {"draft": f"{f}-l{n}", "head_layers": n, "fusion": f, **shape}
+            for f, n in (("dgf", 1), ("dgf", 2), ("fc", 1))}
+    summary = {name: {"tau": 1.5 + 0.1 * r["head_layers"], "speedup_vs_target_median": 1.0} for name, r in rows.items()}
+    results = {"rows": rows, "datasets": {"humaneval": {"summary": summary}}, "command": "test",
+               "machine": {"cpu": "test", "target_dtype": "bfloat16"}, "target": "t", "n_new_tokens": 8}
+    files = sweep_plots(results, tmp_path, "run")
+    assert [os.path.basename(f) for f in files] == ["run-sweep-head_layers.png"]
+    assert os.path.getsize(files[0]) > 0

@@ -128,7 +128,8 @@ def run(args, home: Path) -> dict:
                 for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
                     name = f"{name}-{Path(head_dir).name}"
                     active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
-                    rows[name] = {"draft": Path(head_dir).name, **shape}
+                    rows[name] = {"draft": Path(head_dir).name, "head_layers": head.config.layers,
+                                  "fusion": head.config.fusion, **shape}
         for name in ("llamacpp", "llamacpp-spec"):
             if name in systems:
                 found = llamacpp_parts(home, args.model, args.model_draft)

@@ -143,16 +143,20 @@ def plots(results: dict, out_dir: Path, stem: str) -> list[str]:
 
 
 def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
-    """tau and speedup against tree size and against depth, one line per draft and dataset, for
-    every group of dovetail rows that differ only in that one setting (PNG; none without a sweep)."""
+    """tau and speedup against tree size, tree depth and a head's depth (decoder layers), one line
+    per draft (per fusion, for head depth) and dataset, for every group of dovetail rows that differ
+    only in that one setting (PNG; none without a sweep)."""
     plt = _pyplot()
     rows = {n: r for n, r in results.get("rows", {}).items() if "tree_tokens" in r}
     files = []
-    for axis, label in (("tree_tokens", "tree size (tokens, root included)"), ("depth", "tree depth")):
+    for axis, label in (("tree_tokens", "tree size (tokens, root included)"), ("depth", "tree depth"),
+                        ("head_layers", "draft head depth (decoder layers)")):
         fixed = [k for k in ("top_k", "depth", "tree_tokens") if k != axis]
         groups = {}
         for name, r in rows.items():
-            draft = r["draft"] + (" fixed" if r.get("cost_model") is False else "")
+            if axis not in r:
+                continue
+            draft = (r["fusion"] if axis == "head_layers" else r["draft"]) + (" fixed" if r.get("cost_model") is False else "")
             groups.setdefault((draft, *(r[k] for k in fixed)), []).append((r[axis], name))
         groups = {g: sorted(v) for g, v in groups.items() if len({x for x, _ in v}) >= 2}
         if not groups:
