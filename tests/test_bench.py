@@ -47,6 +47,22 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
     assert all(os.path.exists(p) for p in written["plots"])
 
 
+@pytest.mark.timeout(300)
+def test_a_sweep_with_more_systems_than_the_verifier_default_sessions(tmp_path, tiny_dir):
+    """21 systems (target, 2 chains, 9 tree shapes sized and fixed) each keep a session open: the
+    bench's verifier must not close the oldest (a 3-head sweep once died with unknown_session)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w5 w7"}))
+    trees = ",".join(f"2:{d}:{t}" for d in (2, 3, 4) for t in (3, 5, 8))
+    res = subprocess.run(
+        [sys.executable, "-m", "dovetail_rt.cli", "bench", "-m", str(tiny_dir), "-md", str(tiny_dir),
+         "--dtype", "float32", "--draft-dtype", "float32", "--systems", "target,dovetail", "--prompts", str(prompts),
+         "-n", "4", "--trees", trees, "--cost-model", "both", "--out", str(tmp_path / "results")],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=280,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(json.loads(res.stdout.strip().splitlines()[-1])["datasets"]["prompts"]) == 21
+
 def test_summary_of_a_draft_that_drafted_nothing():
     """A cost model may judge no draft token worth its verify cost: that row still has tau 1 and
     no acceptance figure (CI once failed on a KeyError here), and speedups pair prompts in order."""

@@ -108,7 +108,10 @@ def run(args, home: Path) -> dict:
                "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
                "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
     rows = results["rows"] = {}  # dovetail row -> its draft and tree shape (for the sweep plots)
-    with VerifierChild(args.model, dtype_name) as child:
+    heads = [h for h in (args.head or "").split(",") if h]
+    # every system keeps its session open for the whole run: the verifier must not close the oldest
+    sessions = 1 + len(dovetail_modes(args)) + len(heads) * len(tree_modes(args.trees or HEAD_TREES, "dovetail-head", args))
+    with VerifierChild(args.model, dtype_name, extra=["--max-sessions", str(max(16, sessions))]) as child:
         active = []
         if "target" in systems:
             active.append(DovetailSystem("target", child.endpoint, None, tokenizer, DraftConfig()))
@@ -123,7 +126,7 @@ def run(args, home: Path) -> dict:
             for name, (cfg, shape) in dovetail_modes(args).items():
                 active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
                 rows[name] = {"draft": args.model_draft, **shape}
-            for head_dir in [h for h in (args.head or "").split(",") if h]:
+            for head_dir in heads:
                 head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
                 for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
                     name = f"{name}-{Path(head_dir).name}"
