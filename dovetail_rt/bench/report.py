@@ -172,6 +172,7 @@ def sweep_plots(results: dict, out_dir: Path, stem: str) -> list[str]:
         for ax, metric in zip(axes, ("tau (mean tokens per step)", "speedup over target")):
             ax.set_xlabel(label)
             ax.set_ylabel(metric)
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=6)
         fig.suptitle(_title(results), fontsize=8)
