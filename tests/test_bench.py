@@ -63,6 +63,7 @@ def test_a_sweep_with_more_systems_than_the_verifier_default_sessions(tmp_path, 
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(json.loads(res.stdout.strip().splitlines()[-1])["datasets"]["prompts"]) == 21
 
+
 def test_summary_of_a_draft_that_drafted_nothing():
     """A cost model may judge no draft token worth its verify cost: that row still has tau 1 and
     no acceptance figure (CI once failed on a KeyError here), and speedups pair prompts in order."""

@@ -109,8 +109,9 @@ def run(args, home: Path) -> dict:
                "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
     rows = results["rows"] = {}  # dovetail row -> its draft and tree shape (for the sweep plots)
     heads = [h for h in (args.head or "").split(",") if h]
+    lm_modes, head_modes = dovetail_modes(args), tree_modes(args.trees or HEAD_TREES, "dovetail-head", args)
     # every system keeps its session open for the whole run: the verifier must not close the oldest
-    sessions = 1 + len(dovetail_modes(args)) + len(heads) * len(tree_modes(args.trees or HEAD_TREES, "dovetail-head", args))
+    sessions = 1 + len(lm_modes) + len(heads) * len(head_modes)
     with VerifierChild(args.model, dtype_name, extra=["--max-sessions", str(max(16, sessions))]) as child:
         active = []
         if "target" in systems:
@@ -123,12 +124,12 @@ def run(args, home: Path) -> dict:
             if "hf-assisted" in systems:
                 active.append(HFSystem("hf-assisted", hf_target, assistant=draft_model, eos=eos))
         if "dovetail" in systems:
-            for name, (cfg, shape) in dovetail_modes(args).items():
+            for name, (cfg, shape) in lm_modes.items():
                 active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
                 rows[name] = {"draft": args.model_draft, **shape}
             for head_dir in heads:
                 head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
-                for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
+                for name, (cfg, shape) in head_modes.items():
                     name = f"{name}-{Path(head_dir).name}"
                     active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
                     rows[name] = {"draft": Path(head_dir).name, "head_layers": head.config.layers,
