@@ -96,6 +96,11 @@ class CostModel:
         k = len(p_all)
         return (1.0 + sum(p_all)) / (k * self.t_draft + self.verify_time(k + 1))
 
+    def extend_chain(self, p_all: list[float], p_next: float) -> bool:
+        """Whether drafting one more chain token (acceptance chance ``p_next``) raises the expected
+        rate, or is the probe's one token (see the module's doc)."""
+        return self.rate(p_all + [p_next]) >= self.rate(p_all) or (not p_all and self.probing)
+
     def tree_size(self, chances: list[float], grow_s: float) -> int:
         """How many of a grown tree's best nodes to send (0..len(chances), at least 1 when probing);
         needs the curve."""

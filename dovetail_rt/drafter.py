@@ -124,7 +124,7 @@ class DraftLM:
             p_next = min(p_all[-1] if p_all else 1.0, math.exp(score) * cost.calibration(len(tokens) + 1))
             if len(tokens) >= cfg.draft_min:
                 if cost.ready and cfg.adaptive:
-                    if cost.rate(p_all + [p_next]) < cost.rate(p_all) and (tokens or not cost.probing):
+                    if not cost.extend_chain(p_all, p_next):
                         break
                 elif lp < _log(cfg.p_min):
                     break

@@ -111,9 +111,12 @@ def test_a_draft_switched_off_is_probed_again():
         cost.observe(1, 0, [0.5], 0.24, 0.08)  # the draft is always wrong
     long_shot = cost.node_chances([-0.7], [0])  # the draft says 0.5; calibrated: the floor
     assert cost.tree_size(long_shot, grow_s=0.04) == 0 and not cost.probing
+    assert not cost.extend_chain([], long_shot[0])
     for _ in range(PROBE_EVERY):
         cost.observe(0, 0, [], 0.22, 0.04)
     assert cost.probing and cost.tree_size(long_shot, grow_s=0.04) == 1
+    assert cost.extend_chain([], long_shot[0])  # a chain's probe is its first token only
+    assert not cost.extend_chain(long_shot, long_shot[0] * 0.5)
     assert cost.tree_size([], grow_s=0.04) == 0  # nothing grown, nothing to send
     for _ in range(10):  # the probes land: the calibration recovers
         cost.observe(1, 1, [0.5], 0.24, 0.08)
