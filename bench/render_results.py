@@ -72,8 +72,8 @@ def curve_section(res: dict) -> list[str]:
     return out + [""]
 
 
-def gpu_section(res: dict) -> list[str]:
-    out = [f"## GPU check ({res['gpu']}, {res['cpu_cores']} CPU cores)", "",
+def gpu_section(res: dict, name: str) -> list[str]:
+    out = [f"## GPU check {name} ({res['gpu']}, {res['cpu_cores']} CPU cores)", "",
            "Command: `bash bench/gpu_check.sh OUT` on a lent machine (random weights of the real shapes for timing).", "",
            f"Lossless with the head on CUDA and the verifier on the CPU: {res['lossless']}", "",
            "| head shape | layers | tree (top-k, depth, tokens) | draft step ms (median) |", "|---|---|---|---|"]
@@ -109,7 +109,7 @@ def main() -> None:
     if curve:
         lines += curve_section(json.loads(Path(curve).read_text()))
     for f in args.gpu if args.gpu is not None else sorted(map(str, RESULTS.glob("gpu_check-*.json"))):
-        lines += gpu_section(json.loads(Path(f).read_text()))
+        lines += gpu_section(json.loads(Path(f).read_text()), Path(f).stem)
     if args.notes:
         lines += [Path(args.notes).read_text()]
     print("\n".join(lines))
