@@ -109,7 +109,7 @@ class DraftLM:
         keep = min(common_prefix(self.cached, committed), len(committed) - 1)  # rerun >= 1 token
         models.crop_cache(self.cache, keep)
         new = committed[keep:]
-        logits, _ = models.forward(self.model, self.cache, new, list(range(keep, len(committed))))
+        logits, _ = models.forward(self.model, self.cache, new, list(range(keep, len(committed))), logits_for=1)
         self.cached = list(committed)
         return logits[-1]
 

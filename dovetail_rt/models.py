@@ -143,24 +143,28 @@ def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward(model, cache, tokens: list[int], positions: list[int], mask: torch.Tensor | None = None):
+def forward(model, cache, tokens: list[int], positions: list[int], mask: torch.Tensor | None = None,
+            logits_for: int | None = None):
     """One forward of ``tokens`` appended to ``cache``; ``mask`` [1, 1, q, past + q] bool or None
-    (plain causal). Returns (logits [q, vocab], hidden [q, d]); hidden is the last layer's output
-    after the final norm: the feature the draft head reads."""
+    (plain causal). Returns (logits [n, vocab], hidden [q, d]); hidden is the last layer's output
+    after the final norm: the feature the draft head reads. Logits are computed for the last
+    ``logits_for`` rows only (None: all q): a prefill needs one, feature extraction none, and the
+    lm_head is ~15 % of a 1.5B model's work per row."""
     device = model.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, q]
     pos = torch.tensor([positions], dtype=torch.long, device=device)  # [1, q]
     kwargs = {} if mask is None else {"attention_mask": _mask_for(model, mask, model.dtype).to(device)}
     out = model.get_decoder()(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **kwargs)
     hidden = out.last_hidden_state[0]  # [q, d]
-    return model.get_output_embeddings()(hidden), hidden
+    rows = hidden if logits_for is None else hidden[hidden.shape[0] - logits_for :]
+    return model.get_output_embeddings()(rows), hidden
 
 
-def forward_tree(model, cache, tokens: list[int], parents: list[int], past_len: int):
+def forward_tree(model, cache, tokens: list[int], parents: list[int], past_len: int, logits_for: int | None = None):
     """Forward over a token tree (parents[0] = -1) appended after ``past_len`` cached tokens.
     A chain takes the plain causal path."""
     mask = None if is_chain(parents) else tree_attention_mask(parents, past_len)
-    return forward(model, cache, tokens, tree_positions(parents, past_len), mask)
+    return forward(model, cache, tokens, tree_positions(parents, past_len), mask, logits_for)
 
 
 def keep_cache_entries(cache, past_len: int, keep: list[int]) -> None:

@@ -27,7 +27,7 @@ def speculative_generate(
             return sampling.accept_greedy(tokens, parents, logits.argmax(-1).tolist())
         return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), generator)
 
-    logits, _ = models.forward(target, None, prompt, list(range(len(prompt))))
+    logits, _ = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
     _, first = target_choice([0], [-1], logits[-1:])
     committed, out = list(prompt) + [first], [first]
     while len(out) < max_new_tokens:
@@ -36,10 +36,10 @@ def speculative_generate(
         prefix = len(committed) - 1
         tokens = committed + draft_tree.tokens
         parents = list(range(-1, prefix)) + [prefix + p for p in draft_tree.parents]
-        logits, _ = models.forward_tree(target, None, tokens, parents, 0)
+        logits, _ = models.forward_tree(target, None, tokens, parents, 0, logits_for=len(tokens) - prefix)
         tree_tokens = [committed[-1]] + draft_tree.tokens
         tree_parents = [-1] + draft_tree.parents
-        path, bonus = target_choice(tree_tokens, tree_parents, logits[prefix:])
+        path, bonus = target_choice(tree_tokens, tree_parents, logits)
         new = [tree_tokens[i] for i in path] + [bonus]
         stats.n_steps += 1
         stats.n_drafted += len(draft_tree)

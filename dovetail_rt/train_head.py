@@ -98,7 +98,7 @@ def extract(target, tokenizer, data_spec: str, out: Path, max_tokens: int, max_l
         manifest["records"] = index + 1
         if len(ids) < 4:
             continue
-        _, hidden = models.forward(target, None, ids, list(range(len(ids))))
+        _, hidden = models.forward(target, None, ids, list(range(len(ids))), logits_for=0)
         n = len(buffer) // 2
         buffer[f"tokens.{n}"] = torch.tensor(ids, dtype=torch.int32)
         buffer[f"features.{n}"] = hidden.to(torch.float16).contiguous()

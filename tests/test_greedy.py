@@ -70,3 +70,17 @@ def test_identical_draft_is_fully_accepted(verifier, target):
         out = client.generate([3, 4, 5], max_new_tokens=21)
     assert out.stats.n_accepted == out.stats.n_drafted
     assert out.stats.tau == pytest.approx(5.0)
+
+
+def test_forward_computes_only_the_logits_asked_for(target):
+    """A prefill needs the last row's logits, feature extraction none: the rows computed equal the
+    same rows of the full forward, and the features are the same."""
+    from dovetail_rt import models
+
+    prompt = list(range(1, 30))
+    full, hidden = models.forward(target, None, prompt, list(range(len(prompt))))
+    last, hidden_1 = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
+    none, _ = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=0)
+    assert last.shape == (1, full.shape[1]) and none.shape == (0, full.shape[1])
+    torch.testing.assert_close(last, full[-1:])
+    torch.testing.assert_close(hidden_1, hidden)

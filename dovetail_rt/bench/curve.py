@@ -30,7 +30,7 @@ def measure(model, qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> dict:
     vocab = model.get_output_embeddings().weight.shape[0]
     ctx = torch.randint(100, vocab - 100, (context,), generator=gen).tolist()
     cache = DynamicCache(config=model.config)
-    models.forward(model, cache, ctx, list(range(context)))
+    models.forward(model, cache, ctx, list(range(context)), logits_for=0)
     out = {"chain": {}, "tree": {}}
     jobs = [(shape, q) for q in qs for shape in ("chain", "tree") if not (shape == "tree" and q < 3)]
     for shape, q in tqdm(jobs, desc=f"verify curve {str(model.dtype).removeprefix('torch.')}", unit="point"):
