@@ -112,7 +112,8 @@ class Verifier:
         s.want_features = bool(msg.fields.get("features", False))
         t0 = time.perf_counter()
         s.cache, s.past_len, s.root = DynamicCache(config=self.model.config), 0, None
-        logits, hidden = models.forward_tree(self.model, s.cache, prompt, list(range(-1, len(prompt) - 1)), 0, logits_for=1)
+        chain = list(range(-1, len(prompt) - 1))
+        logits, hidden = models.forward_tree(self.model, s.cache, prompt, chain, 0, logits_for=1)
         s.past_len = len(prompt)
         _, first = self._accept(s, [0], [-1], logits[-1:])
         s.root = first
