@@ -194,12 +194,12 @@ class HeadDrafter:
             f = feedback.features.to(self.head.lm_head.weight.device)
             self.features = f if self.features is None else torch.cat([self.features, f])
 
-    def _run(self, f, x, positions, mask=None):
+    def _run(self, f, x, positions, mask=None) -> torch.Tensor:
+        """The head over (feature, token) pairs appended to its cache -> predicted features [n, d]."""
         dev = self.head.lm_head.weight.device
-        fhat = self.head(f[None].to(dev), torch.tensor([x], device=dev),
+        return self.head(f[None].to(dev), torch.tensor([x], device=dev),
                          torch.tensor([positions], device=dev), self.cache,
-                         None if mask is None else mask[None, None].to(dev))[0]  # [n, d]
-        return fhat, self.head.draft_logprobs(fhat)  # [n, d], [n, vocab]
+                         None if mask is None else mask[None, None].to(dev))[0]
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
@@ -208,26 +208,28 @@ class HeadDrafter:
         if self.features is None or self.features.shape[0] < n:
             raise RuntimeError("the verifier sent no features: the head needs them (features=True in START)")
         models.crop_cache(self.cache, self.n_pairs)
-        fhat, logp = self._run(self.features[self.n_pairs : n], committed[self.n_pairs + 1 : n + 1],
-                               list(range(self.n_pairs, n)))
+        fhat = self._run(self.features[self.n_pairs : n], committed[self.n_pairs + 1 : n + 1],
+                         list(range(self.n_pairs, n)))
         self.n_pairs = n
         if budget <= 0:
             return DraftTree.chain([])
+        # only the last caught-up pair drafts: the lm_head over the others (a whole prompt at first) is waste
+        root_logp = self.head.draft_logprobs(fhat[-1:])[0]
         node_fhat = {0: fhat[-1]}  # pool node -> its predicted feature
         fed: list[int] = []
 
         def expand(nodes, tokens, parents, depths) -> torch.Tensor:
             mask = tree.expansion_mask(nodes, fed, parents, n)  # [q, kv]
             f_in = torch.stack([node_fhat[parents[node]] for node in nodes])  # [q, d]
-            out, lp = self._run(f_in, [tokens[node] for node in nodes], [n + depths[node] - 1 for node in nodes], mask)
+            out = self._run(f_in, [tokens[node] for node in nodes], [n + depths[node] - 1 for node in nodes], mask)
             for row, node in enumerate(nodes):
                 node_fhat[node] = out[row]
             fed.extend(nodes)
-            return lp
+            return self.head.draft_logprobs(out)  # [q, vocab]
 
         top_k = HEAD_TOP_K if cfg.tree_top_k is None else cfg.tree_top_k
         depth, total = (cfg.tree_depth, cfg.tree_tokens) if top_k > 1 else (cfg.draft_max, cfg.draft_max + 1)
-        draft = tree.grow(logp[-1], expand, top_k, depth, min(total, budget + 1))
+        draft = tree.grow(root_logp, expand, top_k, depth, min(total, budget + 1))
         models.crop_cache(self.cache, n)
         draft, self.last_predicted = size_tree(draft, self.cost, cfg, started)
         return draft

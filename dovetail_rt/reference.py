@@ -28,7 +28,7 @@ def speculative_generate(
         return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), generator)
 
     logits, _ = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
-    _, first = target_choice([0], [-1], logits[-1:])
+    _, first = target_choice([0], [-1], logits)
     committed, out = list(prompt) + [first], [first]
     while len(out) < max_new_tokens:
         draft_tree = drafter.propose(committed, budget=max_new_tokens - len(out) - 1)

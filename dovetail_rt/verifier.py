@@ -112,10 +112,9 @@ class Verifier:
         s.want_features = bool(msg.fields.get("features", False))
         t0 = time.perf_counter()
         s.cache, s.past_len, s.root = DynamicCache(config=self.model.config), 0, None
-        chain = list(range(-1, len(prompt) - 1))
-        logits, hidden = models.forward_tree(self.model, s.cache, prompt, chain, 0, logits_for=1)
+        logits, hidden = models.forward(self.model, s.cache, prompt, list(range(len(prompt))), logits_for=1)
         s.past_len = len(prompt)
-        _, first = self._accept(s, [0], [-1], logits[-1:])
+        _, first = self._accept(s, [0], [-1], logits)
         s.root = first
         return self._result(s, [], first, hidden, time.perf_counter() - t0)
 
