@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import DraftConfig, LinkConfig, VerifierConfig, dovetail_home
+from .config import ENGINE_CHOICES, DraftConfig, LinkConfig, VerifierConfig, dovetail_home
 
 log = logging.getLogger("dovetail")
 
@@ -37,8 +37,15 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per physical core of the node)")
     g.add_argument("--cpus", default=None, help="CPU list to pin to, e.g. 0-7,16-23 (default: the NUMA node's cores)")
     g.add_argument("--numa-node", type=int, default=None, help="NUMA node to run on (default: the one with most free cores)")
+    g.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                   help="what runs the target: llamacpp (llama.cpp's CPU kernels on the GGUF file as it is) or torch "
+                        "(transformers); auto = llamacpp for a .gguf target or an installed default, torch for folders "
+                        "and hub ids")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="target dtype; auto = bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32")
+                   help="torch engine's target dtype; auto = bfloat16 where the CPU has AVX-512 BF16 or AMX, else "
+                        "float32 (the llama.cpp engine runs the file's own weight format)")
+    g.add_argument("-c", "--ctx-size", type=int, default=VerifierConfig.n_ctx,
+                   help=f"llamacpp engine: KV cache tokens per session, prompt + output (default {VerifierConfig.n_ctx})")
     g.add_argument("--max-sessions", type=int, default=16, help="draft sessions served at once (oldest idle one closed past it)")
 
 
@@ -48,6 +55,9 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="draft LM with the target's tokenizer: short name, folder, .gguf or HF id"
                    + ("" if model_required else f" (default {store.DEFAULT_DRAFT})"))
     g.add_argument("--device-draft", default="auto", choices=["auto", "cuda", "cpu"], help="where the draft runs (auto: cuda if present)")
+    g.add_argument("--draft-engine", default="auto", choices=ENGINE_CHOICES,
+                   help="what runs a small-LM draft; auto = llamacpp for a GGUF draft (or an installed default) on the "
+                        "CPU, torch on CUDA and for folders")
     g.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16"],
                    help="draft precision (auto: float16 on CUDA, int8 dynamic quantization on the CPU); "
                         "it never changes the output, only speed and acceptance")
@@ -117,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on real prompt sets, all systems interleaved prompt by prompt in one run.")
     p.add_argument("-m", "--model", default=store.DEFAULT_TARGET, help=f"target (default {store.DEFAULT_TARGET})")
     p.add_argument("-md", "--model-draft", default=store.DEFAULT_DRAFT, help=f"draft (default {store.DEFAULT_DRAFT})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for every system")
+    p.add_argument("--engine", default="auto",
+                   help="engine(s) for the target and dovetail rows, comma separated: auto, llamacpp, torch; every engine "
+                        "after the first adds its own rows, named ROW@ENGINE (default auto: llamacpp for the installed GGUF)")
+    p.add_argument("--draft-engine", default="auto", choices=ENGINE_CHOICES,
+                   help="engine of the small-LM draft of the dovetail rows (auto: llamacpp for a GGUF draft on the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="torch engine's target dtype, also for hf rows")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16"],
                    help="draft precision, the same for hf-assisted and dovetail (auto on the CPU: int8 for a draft LM, bfloat16 for a head)")
     p.add_argument("--systems", default="target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec",
@@ -141,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench/results", help="folder for the results JSON and PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--verify-curve", action="store_true",
-                   help="instead: time one target forward over q = 1..32 new tokens (chain and tree masks) per dtype; "
+                   help="instead: time one target forward over q = 1..32 new tokens (chain and tree) for every --engine: "
+                        "the torch engine per --curve-dtypes, llama.cpp per installed weight format of the target; "
                         "the draft side sizes its drafts from the saved curve")
-    p.add_argument("--curve-dtypes", default="float32,bfloat16", help="dtypes for --verify-curve (default float32,bfloat16)")
+    p.add_argument("--curve-dtypes", default="bfloat16", help="torch dtypes for --verify-curve (default bfloat16)")
 
     p = sub.add_parser("train-head", help="train a Dovetail draft head on target features",
                        description="Extract the target's last-layer features over a corpus (teacher forcing, cached, "
@@ -174,62 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
     i.add_argument("names", nargs="*", help=f"models to install (default: {store.DEFAULT_TARGET} {store.DEFAULT_DRAFT})")
+    i.add_argument("--format", default=None,
+                   help=f"also write these weight formats of each model, comma separated ({', '.join(store.FORMATS)}), with "
+                        "llama.cpp's quantizer; use them as NAME:FORMAT, e.g. -m qwen2.5-coder-1.5b:q4_0")
     msub.add_parser("list", help="show the known models and whether they are installed")
     return parser
 
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_verifier(args) -> int:
-    from . import placement
+    from . import placement, verifier_main
 
-    nodes = placement.read_numa_nodes()
+    config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
+                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, link=LinkConfig(endpoint=args.listen))
     cpus = placement.parse_cpulist(args.cpus) if args.cpus else None
-    where = placement.choose(nodes, set(os.sched_getaffinity(0)), args.numa_node, cpus, args.threads)
-    placement.apply(where)  # before torch is imported
-    if args.exit_with_parent:
-        _die_with_parent()
-
-    import torch
-
-    from . import models
-    from .verifier import Verifier, load_verify_curve, memory_report, open_socket
-
-    torch.set_num_threads(where.threads)
-    config = VerifierConfig(model=args.model, home=dovetail_home(), dtype=args.dtype, max_sessions=args.max_sessions,
-                            link=LinkConfig(endpoint=args.listen))
-    dtype = models.resolve_dtype(config.dtype)
-    t0 = time.perf_counter()
-    model, tokenizer = models.load_model(config.model, config.home, dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
-    curve = load_verify_curve(config.home, config.model, dtype_name)
-    verifier = Verifier(model, tokenizer, config, verify_curve=curve)
-    sock, endpoint = open_socket(config)
-    print(f"dovetail verifier: {config.model} ({str(dtype).removeprefix('torch.')}) loaded in {time.perf_counter() - t0:.1f} s\n"
-          f"  placement: {where.describe()} (torch threads {torch.get_num_threads()})\n"
-          f"  memory:    {memory_report(model)}\n"
-          f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
-          f"  listening: {endpoint}", file=sys.stderr, flush=True)
-    if args.ready_fd is not None:
-        with os.fdopen(args.ready_fd, "w") as ready:
-            ready.write(endpoint + "\n")
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
-    parent = os.getppid()
-    verifier.serve(sock, should_stop=lambda: bool(stopping) or (args.exit_with_parent and os.getppid() != parent))
-    sock.close(0)
-    print("dovetail verifier: stopped", file=sys.stderr)
-    return 0
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM when the parent dies (no orphan verifier)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    where = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0)), args.numa_node, cpus, args.threads)
+    return verifier_main.run(config, where, args.ready_fd, args.exit_with_parent)
 
 
 def read_prompt(args) -> str:
@@ -248,7 +225,8 @@ def cmd_generate(args, endpoint: str | None = None) -> int:
     from .detok import IncrementalDetokenizer
 
     client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
-                    draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype)
+                    draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype,
+                    engine=args.draft_engine)
     with client:
         ids = client.encode(read_prompt(args), chat=args.chat)
         stream = None if args.json else IncrementalDetokenizer(client.tokenizer)
@@ -276,7 +254,7 @@ def stats_block(st, target: dict) -> str:
     t = st.timings
     return "\n".join([
         "",
-        f"target: {target.get('model')} ({target.get('dtype')})",
+        f"target: {target.get('model')} ({target.get('engine', 'torch')} engine, {target.get('dtype')})",
         f"n_prompt  = {st.n_prompt}   prefill = {t.prefill_s:.3f} s (time to first token)",
         f"n_predict = {st.n_generated}   in {st.seconds:.3f} s   {st.tok_per_s:.2f} tok/s",
         f"n_drafted = {st.n_drafted}",
@@ -294,7 +272,7 @@ def cmd_run(args) -> int:
 
     store.resolve(args.model, dovetail_home())  # a clear error before anything starts
     store.resolve(args.model_draft, dovetail_home())
-    extra = ["--max-sessions", str(args.max_sessions)]
+    extra = ["--max-sessions", str(args.max_sessions), "--engine", args.engine, "--ctx-size", str(args.ctx_size)]
     for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
         if value is not None:
             extra += [flag, str(value)]
@@ -317,7 +295,10 @@ def cmd_bench(args) -> int:
         report.write(results, out_dir, stem)
     m = results["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
-          f"target {m['target_dtype']}, -n {results['n_new_tokens']}, temp {results['temperature']}")
+          f"-n {results['n_new_tokens']}, temp {results['temperature']}")
+    for engine, what in results["engines"].items():
+        print(f"engine {engine}: {what.get('format')} weights, {what.get('file')}")
+    print(f"draft: {results['draft']} ({results['draft_engine']})")
     for name, d in results["datasets"].items():
         print(report.table(name, d["summary"]))
     print(f"results: {path}")
@@ -328,7 +309,9 @@ def cmd_bench(args) -> int:
 def cmd_verify_curve(args) -> int:
     from .bench import curve, report
 
-    result = curve.run(args.model, dovetail_home(), [d.strip() for d in args.curve_dtypes.split(",")])
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    engines = ["llamacpp", "torch"] if engines == ["auto"] else engines
+    result = curve.run(args.model, dovetail_home(), engines, [d.strip() for d in args.curve_dtypes.split(",")])
     result["command"], result["machine"] = args.command_line, report.machine_info(args.curve_dtypes)
     stem = time.strftime("verify-curve-%Y%m%d-%H%M%S")
     out_dir = Path(args.out)
@@ -339,8 +322,8 @@ def cmd_verify_curve(args) -> int:
         result["plot"] = str(png)
     path = report.write(result, out_dir, stem)
     curve.save_for_drafts(result, dovetail_home())
-    for dtype, curves in result["curves"].items():
-        print(f"{dtype}: ms per forward over q new tokens ({args.model}, {result['context']}-token context)")
+    for key, curves in result["curves"].items():
+        print(f"{key}: ms per forward over q new tokens ({result['files'][key]}, {result['context']}-token context)")
         print("   q  " + " ".join(f"{q:>6d}" for q in sorted(curves["chain"])))
         for shape in ("chain", "tree"):
             row = [f"{1000 * curves[shape][q]:6.0f}" if q in curves[shape] else "     -" for q in sorted(curves["chain"])]
@@ -353,19 +336,21 @@ def cmd_verify_curve(args) -> int:
 def cmd_train_head(args) -> int:
     import torch
 
-    from . import models, train_head
+    from . import lm, train_head
     from .client import resolve_device
+    from .lm_torch import resolve_dtype
 
     home = dovetail_home()
     target_dir, _ = store.resolve(args.model, home)
-    dtype = models.resolve_dtype(args.extract_dtype)
+    dtype = resolve_dtype(args.extract_dtype)
     specs = [s.strip() for s in args.data.split(",") if s.strip()]
     budgets = [int(float(t)) for t in str(args.max_tokens).split(",")]
     if len(budgets) == 1:
         budgets *= len(specs)
     if len(budgets) != len(specs):
         raise ValueError(f"--max-tokens has {len(budgets)} values for {len(specs)} --data corpora: give one, or one each")
-    target, tokenizer = models.load_model(args.model, home, dtype)
+    target = lm.open_lm(args.model, home, "torch", dtype=args.extract_dtype)
+    tokenizer = target.tokenizer
     seqs, feature_tokens = [], 0
     for spec, budget in zip(specs, budgets):  # each corpus has its own feature cache
         feats = train_head.feature_dir(home, args.model, spec, str(dtype), args.max_len)
@@ -397,8 +382,11 @@ def cmd_models(args) -> int:
         for name, rel in store.RELEASES.items():
             state = "installed" if store.is_installed(home, name) else "not installed"
             print(f"{name:24s} {rel.role:7s} {state:14s} {store.model_dir(home, name)}")
+            for spec in store.installed_formats(name, home)[1:]:
+                print(f"{spec:24s} {rel.role:7s} {'installed':14s} {store.gguf_file(spec, home)}")
         return 0
-    for path in store.install(home, args.names or None):
+    formats = [f.strip() for f in (args.format or "").split(",") if f.strip()]
+    for path in store.install(home, args.names or None, formats=formats):
         print(f"ready: {path}")
     return 0
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import models, transport
+from . import store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
-from .drafter import DraftLM, Feedback, HeadDrafter, NoDraft
+from .drafter import Feedback, make_drafter, open_draft
 from .protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -65,19 +65,6 @@ class Generation:
     stats: GenerationStats
 
 
-def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
-    """The draft kind for a loaded draft: a feature head, a standalone LM, or None = no draft
-    (the target decodes one token per step: the baseline the bench calls `target`)."""
-    from .draft_head import DraftHead
-
-    if model is None:
-        return NoDraft()
-    if isinstance(model, DraftHead):
-        return HeadDrafter(model, config, verify_curve)
-    return DraftLM(model, config, verify_curve)
-
-
-
 class Client:
     """Draft side of dovetail_rt. Use as a context manager; one session on the verifier."""
 
@@ -91,17 +78,12 @@ class Client:
         timeout_s: float = LinkConfig.timeout_s,
         dtype: str = "auto",
         home: Path | None = None,
+        engine: str = "auto",
     ):
         self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s)
         self.device = resolve_device(device)
-        if draft is None:
-            model = None
-        elif isinstance(draft, (str, Path)):
-            model, loaded_tok = models.load_draft(str(draft), home or dovetail_home(), dtype, self.device)
-            tokenizer = tokenizer or loaded_tok
-        else:
-            model = draft.to(self.device).eval()
-        self.tokenizer = tokenizer
+        model, loaded_tok = open_draft(draft, home or dovetail_home(), dtype, self.device, engine)
+        self.tokenizer = tokenizer or loaded_tok
         self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes)
         self.session = None
         try:
@@ -110,6 +92,10 @@ class Client:
             self.conn.close()
             raise
         self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
+        missing = self._missing_capability(draft_config)
+        if missing:
+            self.close()
+            raise VerifierError("unsupported", missing)
 
     # ---- session ------------------------------------------------------------------------------
     def _request(self, msg: Message) -> Message:
@@ -118,13 +104,24 @@ class Client:
             raise VerifierError(str(reply.fields.get("code")), str(reply.fields.get("message")))
         return reply
 
+    def _missing_capability(self, config: DraftConfig) -> str | None:
+        """Why this draft cannot work with the verifier's engine (WELCOME says what it can do)."""
+        engine = self.target.get("engine", "torch")
+        if self.drafter.wants_features and not self.target.get("features", True):
+            return (f"this draft head needs the target's features, and the verifier's {engine} engine gives none: "
+                    "start the verifier with --engine torch, or draft with a small LM (-md)")
+        if config.is_tree and not self.target.get("trees", True):
+            return f"the verifier's {engine} engine verifies chains only: drop --tree-top-k or use --engine torch"
+        return None
+
     def _hello(self) -> dict:
-        vocab = models.vocab_strings(self.tokenizer)
+        vocab = store.vocab_strings(self.tokenizer)
         reply = self._request(Message(MsgType.HELLO, fields={"vocab": vocab}))
         if reply.type != MsgType.WELCOME:
             raise transport.LinkError(f"expected WELCOME from the verifier, got {reply.type.name}")
         self.session = reply.fields["session"]
-        log.info("session %d with target %s (%s)", self.session, reply.fields.get("model"), reply.fields.get("dtype"))
+        log.info("session %d with target %s (%s engine, %s)", self.session, reply.fields.get("model"),
+                 reply.fields.get("engine", "torch"), reply.fields.get("dtype"))
         return reply.fields
 
     def close(self) -> None:

@@ -30,16 +30,25 @@ class LinkConfig:
             raise ValueError(f"max message size must be >= 1024 bytes, got {self.max_message_bytes}")
 
 
+ENGINE_CHOICES = ("auto", "torch", "llamacpp")
+
+
 @dataclass(frozen=True)
 class VerifierConfig:
     model: str
     home: Path
-    dtype: str = "auto"  # auto | float32 | bfloat16
+    engine: str = "auto"  # auto: llamacpp for a GGUF target (an installed default keeps its GGUF), else torch
+    dtype: str = "auto"  # torch engine: auto | float32 | bfloat16 (llama.cpp runs the file's own format)
+    n_ctx: int = 4096  # llamacpp engine: KV cache tokens per session
     max_sessions: int = 16
     max_draft_tokens: int = 128  # per VERIFY request
     link: LinkConfig = LinkConfig()
 
     def __post_init__(self):
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got '{self.engine}'")
+        if self.n_ctx < 64:
+            raise ValueError(f"--ctx-size must be >= 64 tokens, got {self.n_ctx}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
         if self.max_sessions < 1:

@@ -114,6 +114,19 @@ class DraftHead(nn.Module):
                          use_cache=cache is not None)
         return out.last_hidden_state
 
+    def new_cache(self):
+        """An empty KV cache for the trunk (one entry per (feature, token) pair run)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.trunk.config)
+
+    @staticmethod
+    def crop_cache(cache, length: int) -> None:
+        """Drop every cache entry past ``length``."""
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)
+
     def trainable_state_dict(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed.", "lm_head."))}
 

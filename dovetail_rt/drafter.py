@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-from transformers import DynamicCache
-
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import models, tree
+import torch
+
+from . import lm, tree
 from .config import DraftConfig
 from .cost import CostModel, raw_chances_by_depth
 from .tree import DraftTree
@@ -68,26 +68,30 @@ class NoDraft:
 
 
 class DraftLM:
-    """A standalone small LM that shares the target's tokenizer (e.g. Qwen2.5-Coder-0.5B).
+    """A standalone small LM that shares the target's tokenizer (e.g. Qwen2.5-Coder-0.5B), on any
+    engine behind the ``lm`` seam.
 
-    Its KV cache holds a prefix of the committed tokens; each round it runs the tokens the
-    cache lacks, then drafts greedily (deterministic drafts: no probabilities cross the wire).
-    Chains are as long as the cost model says pays off (expected tokens/s from the measured
-    verification curve, draft time and acceptance), capped by draft_max; until it has its
-    measurements, the draft's confidence (p_min) decides.
+    Its state holds a prefix of the committed tokens, then the last chain it drafted (pending); each
+    round it keeps the drafted tokens the target accepted, runs the committed tokens it lacks, then
+    drafts greedily (deterministic drafts: no probabilities cross the wire). Chains are as long as
+    the cost model says pays off (expected tokens/s from the measured verification curve, draft time
+    and acceptance), capped by draft_max; until it has its measurements, the draft's confidence
+    (p_min) decides.
     """
 
     wants_features = False
 
-    def __init__(self, model, config: DraftConfig, verify_curve: dict | None = None):
-        self.model, self.config = model, config
+    def __init__(self, model: lm.LM, config: DraftConfig, verify_curve: dict | None = None):
+        self.lm, self.config = model, config
         self.cost = CostModel(verify_curve)
         self.last_predicted: list[float] = []  # the last draft's own chances per depth
+        self.state = model.session()
         self.reset()
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
-        self.cached: list[int] = []  # tokens whose keys/values are in the cache
+        self.state.truncate(0)
+        self.cached: list[int] = []  # committed tokens in the state
+        self.drafted: list[int] = []  # the pending chain after them (the last draft)
 
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
@@ -106,12 +110,16 @@ class DraftLM:
         return self._chain(logits, budget)
 
     def _catch_up(self, committed: list[int]) -> torch.Tensor:
-        keep = min(common_prefix(self.cached, committed), len(committed) - 1)  # rerun >= 1 token
-        models.crop_cache(self.cache, keep)
-        new = committed[keep:]
-        logits, _ = models.forward(self.model, self.cache, new, list(range(keep, len(committed))), logits_for=1)
-        self.cached = list(committed)
-        return logits[-1]
+        held = self.cached + self.drafted
+        n = min(common_prefix(held, committed), len(committed) - 1)  # rerun >= 1 token for its logits
+        if n > len(self.cached):  # accepted draft tokens stay in the cache
+            self.state.keep(list(range(n - len(self.cached))))
+        self.state.truncate(n)
+        new = committed[n:]
+        out = self.state.forward(new, logits_for=1)
+        self.state.keep(list(range(len(new))))
+        self.cached, self.drafted = list(committed), []
+        return out.logits[-1]
 
     def _chain(self, logits: torch.Tensor, budget: int) -> DraftTree:
         """Greedy chain, extended while one more token raises the expected tokens per second."""
@@ -132,28 +140,71 @@ class DraftLM:
             scores.append(score)
             p_all.append(p_next)
             if len(tokens) < min(budget, cfg.draft_max):
-                logits, _ = models.forward(self.model, self.cache, [tok], [len(self.cached)])
-                self.cached.append(tok)
+                logits = self.state.forward([tok]).logits[-1]  # continues the pending chain
+                self.drafted.append(tok)
         self.last_predicted = [math.exp(sc) for sc in scores]
         return DraftTree.chain(tokens, scores)
 
     def _tree(self, committed: list[int], logits: torch.Tensor, budget: int) -> DraftTree:
-        """EAGLE-2 dynamic tree; each expansion is one draft forward with a tree mask."""
+        """EAGLE-2 dynamic tree; each expansion is one draft forward of pending nodes below their parents."""
         cfg = self.config
-        base = len(committed)  # cache length; the root sits at position base - 1
-        fed: list[int] = []  # pool ids whose keys/values follow the committed tokens in the cache
+        slot: dict[int, int] = {}  # pool node -> its pending index in the state (the root is committed)
 
         def expand(nodes, tokens, parents, depths) -> torch.Tensor:
-            mask = tree.expansion_mask(nodes, fed, parents, base)  # [q, kv]
-            positions = [base - 1 + depths[n] for n in nodes]
-            out, _ = models.forward(self.model, self.cache, [tokens[n] for n in nodes], positions, mask[None, None])
-            fed.extend(nodes)
-            return out.float().log_softmax(-1)  # [len(nodes), vocab]
+            first = len(slot)
+            pending_parents = [slot.get(parents[n], -1) for n in nodes]
+            out = self.state.forward([tokens[n] for n in nodes], pending_parents)
+            slot.update({n: first + i for i, n in enumerate(nodes)})
+            return out.logits.float().log_softmax(-1)  # [len(nodes), vocab]
 
         draft = tree.grow(logits.float().log_softmax(-1), expand, cfg.tree_top_k, cfg.tree_depth,
                           min(cfg.tree_tokens, budget + 1))
-        models.crop_cache(self.cache, base)
+        self.state.truncate(len(committed))
         return draft
+
+
+def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engine: str = "auto", threads: int | None = None):
+    """-> (draft model, tokenizer or None) for ``make_drafter``. ``draft``: None (no draft), a spec
+    (a Dovetail head folder, detected by its config, or a small LM: installed name, folder, .gguf,
+    hub id), an opened ``lm.LM``, a ``DraftHead``, or a torch causal LM module (tests, the bench).
+
+    A small LM runs on ``engine`` (auto: llama.cpp for a GGUF draft on the CPU, torch on CUDA).
+    Torch precision: ``dtype`` auto = float16 on CUDA, int8 dynamic quantization on the CPU; a head
+    runs in bfloat16 on a CPU with BF16 instructions, else float32. Draft precision never changes
+    the output (verification is lossless); it moves acceptance a little and draft time a lot (2-core
+    dev CPU: one 0.5B token 148 / 75 / 41 ms in torch float32 / bfloat16 / int8, 12-15 ms on llama.cpp).
+    """
+    from . import draft_head, store
+
+    if draft is None or isinstance(draft, draft_head.DraftHead) or hasattr(draft, "session"):
+        return draft, None
+    if isinstance(draft, torch.nn.Module):
+        return lm.open_lm("module", home, "torch", model=draft, device=device), None
+    path = Path(str(draft)).expanduser()
+    if path.is_dir() and draft_head.is_head_folder(path):
+        from .lm_torch import cpu_has_bf16, resolve_dtype
+
+        name = ("bfloat16" if cpu_has_bf16() else "float32") if dtype in ("auto", "int8") and device == "cpu" else dtype
+        head = draft_head.load_head(path, home, resolve_dtype(name, device), device)
+        return head, store.load_tokenizer(head.config.target, home)
+    engine = lm.choose_engine(engine, str(draft), home, device)
+    if engine == "torch" and dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "int8"
+    model = lm.open_lm(str(draft), home, engine, dtype=dtype, device=device, threads=threads)
+    tokenizer = getattr(model, "tokenizer", None) or store.load_tokenizer(str(draft), home)
+    return model, tokenizer
+
+
+def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
+    """The draft kind for an opened draft (``open_draft``): a feature head, a standalone LM, or
+    None = no draft (the target decodes one token per step: the baseline the bench calls `target`)."""
+    from .draft_head import DraftHead
+
+    if model is None:
+        return NoDraft()
+    if isinstance(model, DraftHead):
+        return HeadDrafter(model, config, verify_curve)
+    return DraftLM(model, config, verify_curve)
 
 
 def _log(p: float) -> float:
@@ -174,15 +225,12 @@ class HeadDrafter:
     wants_features = True
 
     def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
-        from transformers import DynamicCache
-
         self.head, self.config = head, config
         self.cost, self.last_predicted = CostModel(verify_curve), []  # sizes the trees
-        self._new_cache = lambda: DynamicCache(config=head.trunk.config)
         self.reset()
 
     def reset(self) -> None:
-        self.cache = self._new_cache()
+        self.cache = self.head.new_cache()
         self.features = None  # [n, d] target features of committed[0 .. n-1]
         self.n_pairs = 0  # committed pairs in the cache
 
@@ -207,7 +255,7 @@ class HeadDrafter:
         n = len(committed) - 1  # pairs available: (f_i, x_{i+1}) for i < n
         if self.features is None or self.features.shape[0] < n:
             raise RuntimeError("the verifier sent no features: the head needs them (features=True in START)")
-        models.crop_cache(self.cache, self.n_pairs)
+        self.head.crop_cache(self.cache, self.n_pairs)
         fhat = self._run(self.features[self.n_pairs : n], committed[self.n_pairs + 1 : n + 1],
                          list(range(self.n_pairs, n)))
         self.n_pairs = n
@@ -230,6 +278,6 @@ class HeadDrafter:
         top_k = HEAD_TOP_K if cfg.tree_top_k is None else cfg.tree_top_k
         depth, total = (cfg.tree_depth, cfg.tree_tokens) if top_k > 1 else (cfg.draft_max, cfg.draft_max + 1)
         draft = tree.grow(root_logp, expand, top_k, depth, min(total, budget + 1))
-        models.crop_cache(self.cache, n)
+        self.head.crop_cache(self.cache, n)
         draft, self.last_predicted = size_tree(draft, self.cost, cfg, started)
         return draft

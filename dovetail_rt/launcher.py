@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ class VerifierChild:
         os.close(write_fd)
         with os.fdopen(read_fd) as ready:
             self.endpoint = ready.readline().strip()
+            line = ready.readline().strip()
+        self.target = json.loads(line) if line else {}  # engine, weight format and file it runs
         if not self.endpoint:
             code = self.proc.wait()
             raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages above")

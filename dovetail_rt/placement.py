@@ -78,6 +78,7 @@ class Placement:
     node: int
     cpus: tuple[int, ...]
     threads: int
+    multi_node: bool = False  # the machine has several NUMA nodes (llama.cpp then follows the CPU mask)
 
     def describe(self) -> str:
         return f"NUMA node {self.node}, CPUs {format_cpulist(self.cpus)}, {self.threads} threads"
@@ -127,7 +128,7 @@ def choose(
         threads = len(physical_cores(chosen, cpu_root))
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    return Placement(node, tuple(chosen), threads)
+    return Placement(node, tuple(chosen), threads, len(nodes) > 1)
 
 
 def apply(placement: Placement) -> None:
@@ -140,5 +141,7 @@ def apply(placement: Placement) -> None:
         os.environ[var] = n
     os.environ["OMP_PROC_BIND"] = "close"
     os.environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in physical_cores(list(placement.cpus))[: placement.threads])
-    # Sleep, do not spin, between parallel regions: the draft process may share these cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is left to libgomp's default: spin a while at a barrier, then sleep. Threads
+    # spin inside a step (ggml syncs at every op: PASSIVE made a one-token llama.cpp step 45 ms
+    # instead of 26, and a torch bf16 step 137 ms instead of 124, DESIGN.md §7) and sleep between
+    # steps, so a draft process on the same cores gets them back. A user's own setting wins.

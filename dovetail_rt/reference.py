@@ -1,21 +1,22 @@
 """Single-process reference of the whole method, written for clarity, not speed.
 
-No sockets, no target KV cache: every step runs the target over the full prefix plus the draft
-tree. The two-process fast path (client + verifier) is tested against this.
+No sockets, no target KV cache kept between steps: every step runs the target over the full
+prefix plus the draft tree in a fresh session. Works on any engine behind the ``lm`` seam; the
+two-process fast path (client + verifier) is tested against this.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import models, sampling
+from . import lm, sampling
 from .client import Generation, GenerationStats
 from .config import DraftConfig
 from .drafter import DraftLM
 
 
 def speculative_generate(
-    target, draft, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
+    target: lm.LM, draft: lm.LM, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
     params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
 ) -> Generation:
     generator = torch.Generator().manual_seed(seed)
@@ -27,18 +28,26 @@ def speculative_generate(
             return sampling.accept_greedy(tokens, parents, logits.argmax(-1).tolist())
         return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), generator)
 
-    logits, _ = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
+    def target_logits(prefix, tokens, parents):
+        """A fresh state: the prefix, then the tree below it; logits of every tree node."""
+        state = target.session()
+        try:
+            if prefix:
+                state.forward(prefix, logits_for=0)
+                state.keep(list(range(len(prefix))))
+            return state.forward(tokens, parents).logits
+        finally:
+            state.close()
+
+    logits = target_logits(prompt[:-1], prompt[-1:], [-1])
     _, first = target_choice([0], [-1], logits)
     committed, out = list(prompt) + [first], [first]
     while len(out) < max_new_tokens:
         draft_tree = drafter.propose(committed, budget=max_new_tokens - len(out) - 1)
-        # the whole sequence as one tree: the prefix is a chain, the draft hangs below the root
-        prefix = len(committed) - 1
-        tokens = committed + draft_tree.tokens
-        parents = list(range(-1, prefix)) + [prefix + p for p in draft_tree.parents]
-        logits, _ = models.forward_tree(target, None, tokens, parents, 0, logits_for=len(tokens) - prefix)
+        # the whole sequence again: the committed prefix, then root + draft tree below it
         tree_tokens = [committed[-1]] + draft_tree.tokens
         tree_parents = [-1] + draft_tree.parents
+        logits = target_logits(committed[:-1], tree_tokens, tree_parents)
         path, bonus = target_choice(tree_tokens, tree_parents, logits)
         new = [tree_tokens[i] for i in path] + [bonus]
         stats.n_steps += 1

@@ -70,6 +70,10 @@ def resolve(spec: str, home: Path) -> tuple[str, str | None]:
     Accepted: a short name of an installed default, a local folder, a ``.gguf`` file,
     or a Hugging Face id (only works where the hub or its local cache is reachable).
     """
+    name, fmt = split_format(spec)
+    if fmt is not None:
+        made = gguf_file(spec, home)
+        return str(made.parent), made.name
     if spec in RELEASES:
         if not is_installed(home, spec):
             raise ModelNotFound(
@@ -92,6 +96,97 @@ def resolve(spec: str, home: Path) -> tuple[str, str | None]:
         f"cannot find model '{spec}': expected one of {sorted(RELEASES)} (installed with "
         "`dovetail models install`), a model folder, a .gguf file or a Hugging Face id"
     )
+
+
+# Weight formats `dovetail models install --format` makes from an installed GGUF with llama.cpp's own
+# quantizer (names as llama.cpp's `llama-quantize` takes them).
+FORMATS = ("q4_k_m", "q4_0", "q8_0", "bf16")
+
+
+def split_format(spec: str) -> tuple[str, str | None]:
+    """"qwen2.5-coder-1.5b:q4_0" -> ("qwen2.5-coder-1.5b", "q4_0"); a plain spec has no format."""
+    name, sep, fmt = spec.partition(":")
+    if sep and name in RELEASES:
+        if fmt not in FORMATS:
+            raise ModelNotFound(f"unknown weight format '{fmt}' in '{spec}'; formats: {', '.join(FORMATS)}")
+        return name, fmt
+    return spec, None
+
+
+def format_path(home: Path, name: str, fmt: str) -> Path:
+    return home / "gguf" / f"{name}.{fmt}.gguf"
+
+
+def gguf_file(spec: str, home: Path) -> Path | None:
+    """The GGUF file behind ``spec``, if it has one: a ``.gguf`` path, an installed default whose
+    GGUF is kept in ``$DOVETAIL_HOME/gguf`` (the llama.cpp engine loads it as it is), or an installed
+    format of one (``name:q4_0``)."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file {path} does not exist")
+        return path
+    name, fmt = split_format(spec)
+    if fmt is not None:
+        made = format_path(home, name, fmt)
+        if not made.is_file():
+            raise ModelNotFound(f"'{spec}' is not installed: run `dovetail models install {name} --format {fmt}`")
+        return made
+    if spec in RELEASES:
+        kept = home / "gguf" / f"{spec}.gguf"
+        return kept if kept.is_file() else None
+    return None
+
+
+def installed_formats(spec: str, home: Path) -> list[str]:
+    """``spec`` itself (when it has a GGUF) and every format made from it: ``name:q4_0``, ..."""
+    name, _ = split_format(spec)
+    found = [spec] if gguf_file(spec, home) is not None else []
+    return found + [f"{name}:{fmt}" for fmt in FORMATS if name in RELEASES and format_path(home, name, fmt).is_file()]
+
+
+def make_format(home: Path, name: str, fmt: str) -> Path:
+    """Requantize an installed default's GGUF into ``fmt`` with llama.cpp's quantizer (seconds for a 1.5B).
+    A requantization of a Q4_K_M file is a different model from the file: compare it with llama.cpp
+    on the same file."""
+    import time
+
+    from .lm_llamacpp import requantize
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    src, dst = home / "gguf" / f"{name}.gguf", format_path(home, name, fmt)
+    if not src.is_file():
+        raise ModelNotFound(f"{src} is missing: run `dovetail models install {name}` first")
+    if dst.is_file():
+        return dst
+    t0 = time.perf_counter()
+    print(f"{name}: requantizing {src.name} -> {dst.name} with llama.cpp ...", file=sys.stderr, flush=True)
+    tmp = dst.with_suffix(".partial")
+    requantize(src, tmp, fmt)
+    tmp.rename(dst)
+    print(f"{name}:{fmt}: {dst.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return dst
+
+
+def load_tokenizer(spec: str, home: Path):
+    """The transformers tokenizer that goes with ``spec`` (None when it has none: token ids only)."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve(spec, home)
+    try:
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, TypeError):
+        log.warning("no tokenizer found with model '%s': token ids only", spec)
+        return None
+
+
+def vocab_strings(tokenizer) -> list[str]:
+    """The tokenizer's vocabulary as strings in id order (the handshake compares these)."""
+    if tokenizer is None:
+        return []
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    return [by_id.get(i, "") for i in range(max(by_id) + 1)] if by_id else []
 
 
 def _download_part(release: Release, i: int, dest: Path) -> Path:
@@ -174,8 +269,9 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", extra_eos: t
     tmp.rename(out_dir)
 
 
-def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True) -> list[Path]:
-    """Install the named releases (default: the target/draft pair); skip those already installed."""
+def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True, formats: list[str] = ()) -> list[Path]:
+    """Install the named releases (default: the target/draft pair); skip those already installed.
+    ``formats``: also requantize each named release's GGUF into these formats (``make_format``)."""
     done = []
     for name in names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
         if name not in RELEASES:
@@ -192,9 +288,11 @@ def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True) 
         if not (gguf.exists() and gguf.stat().st_size == release.size and _sha256(gguf) == release.sha256):
             gguf = assemble_gguf(release, gguf_dir)
         convert_gguf(gguf, out_dir, extra_eos=release.extra_eos)
-        if not keep_gguf:
+        if not keep_gguf and not formats:
             gguf.unlink()
         done.append(out_dir)
+    for name in names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
+        done += [make_format(home, name, fmt) for fmt in formats]
     return done
 
 

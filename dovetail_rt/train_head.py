@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import data, models
+from . import data
+from .lm_torch import cpu_has_bf16
 from .draft_head import DraftHead, HeadConfig, save_head, shared_weights, target_tensors
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ def extract(target, tokenizer, data_spec: str, out: Path, max_tokens: int, max_l
         manifest["records"] = index + 1
         if len(ids) < 4:
             continue
-        _, hidden = models.forward(target, None, ids, list(range(len(ids))), logits_for=0)
+        state = target.session(features=True)  # target: an opened lm.LM, on any engine with features
+        hidden = state.forward(ids, logits_for=0).features
+        state.close()
         n = len(buffer) // 2
         buffer[f"tokens.{n}"] = torch.tensor(ids, dtype=torch.int32)
         buffer[f"features.{n}"] = hidden.to(torch.float16).contiguous()
@@ -155,7 +158,7 @@ class TrainConfig:
 
 def _autocast(cfg: TrainConfig, device: str):
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    enabled = cfg.autocast and (kind == "cuda" or models.cpu_has_bf16())
+    enabled = cfg.autocast and (kind == "cuda" or cpu_has_bf16())
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -26,12 +26,18 @@ class DraftTree:
         return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
 
 
-def depths(parents: list[int]) -> list[int]:
-    """Depth of draft nodes 1..n in wire layout (``parents[i - 1]`` of node i, 0 = the root): 1 = a root child."""
+def pool_depths(parents: list[int]) -> list[int]:
+    """Depth of each node of a pool or forest whose roots have parent -1 (a root has depth 0);
+    parents come before their children. Positions are the committed length + depth."""
     out: list[int] = []
     for p in parents:
-        out.append(out[p - 1] + 1 if p else 1)
+        out.append(0 if p < 0 else out[p] + 1)
     return out
+
+
+def depths(parents: list[int]) -> list[int]:
+    """Depth of draft nodes 1..n in wire layout (``parents[i - 1]`` of node i, 0 = the root): 1 = a root child."""
+    return [d + 1 for d in pool_depths([p - 1 for p in parents])]
 
 
 def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
@@ -46,18 +52,20 @@ def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
 
 
 def expansion_mask(nodes: list[int], fed: list[int], parents: list[int], past_len: int) -> torch.Tensor:
-    """[q, past_len + len(fed) + q] bool mask for expanding pool ``nodes``: each sees the cache, the
-    already-run pool nodes (``fed``, in cache order) that are its ancestors, and itself."""
+    """[q, past_len + len(fed) + q] bool mask for running pool ``nodes`` after the cache: each sees the
+    ``past_len`` cached tokens, its ancestors among the already-run nodes (``fed``, in cache order)
+    and among ``nodes``, and itself. A node's parents come before it; -1 (or any id run neither
+    before nor now) is the cached prefix."""
     mask = torch.zeros(len(nodes), past_len + len(fed) + len(nodes), dtype=torch.bool)
     mask[:, :past_len] = True
-    slot = {m: past_len + i for i, m in enumerate(fed)}
+    slot = {m: past_len + i for i, m in enumerate(list(fed) + list(nodes))}
     for row, n in enumerate(nodes):
+        mask[row, slot[n]] = True
         p = parents[n]
         while p >= 0:
             if p in slot:
                 mask[row, slot[p]] = True
             p = parents[p]
-        mask[row, past_len + len(fed) + row] = True
     return mask
 
 

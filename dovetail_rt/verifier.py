@@ -1,8 +1,9 @@
 """The CPU target side: sessions, prefill, one-pass tree verification, lossless acceptance.
 
 One process serves many draft sessions over a ROUTER socket, one request at a time (the CPU is
-the bottleneck; batching sessions is future work). Each session owns a KV cache that holds the
-committed tokens except the last one, the *root*, which the next VERIFY runs first.
+the bottleneck; batching sessions is future work). Each session owns a model state (``lm.Session``,
+on whichever engine the target was opened) that holds the committed tokens except the last one,
+the *root*, which the next VERIFY runs first.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import zmq
-from transformers import DynamicCache
 
-from . import models, protocol, sampling, transport
+from . import lm, protocol, sampling, transport
 from .config import VerifierConfig
 from .protocol import Message, MsgType, ProtocolError
 
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 class Session:
     id: int
     identity: bytes
-    cache: DynamicCache | None = None
-    past_len: int = 0  # tokens in the cache
+    state: lm.Session | None = None  # the target's KV cache for this session (committed tokens)
     root: int | None = None  # last committed token, not yet run by the target
     params: sampling.SamplingParams = sampling.SamplingParams()
     generator: torch.Generator = field(default_factory=torch.Generator)
@@ -40,14 +39,11 @@ class Session:
 class Verifier:
     """Protocol handlers around one target model; ``serve`` runs them on a socket."""
 
-    def __init__(self, model, tokenizer, config: VerifierConfig, name: str = "", verify_curve: dict | None = None):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, target: lm.LM, config: VerifierConfig, verify_curve: dict | None = None):
+        self.target, self.config = target, config
         self.verify_curve = verify_curve  # {q: seconds} measured on this machine, sent to drafts
-        self.name = name or config.model
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 20)
-        self.vocab = models.vocab_strings(tokenizer)
-        self.eos = models.eos_ids(model, tokenizer)
+        info = target.info
+        self.vocab_size, self.max_positions, self.vocab, self.eos = info.vocab_size, info.max_positions, info.vocab, info.eos
         self.sessions: dict[int, Session] = {}
 
     # ---- dispatch -------------------------------------------------------------------------
@@ -85,13 +81,14 @@ class Verifier:
         if len(self.sessions) >= self.config.max_sessions:
             oldest = min(self.sessions.values(), key=lambda s: s.last_used)
             log.info("session limit %d reached: closing idle session %d", self.config.max_sessions, oldest.id)
-            del self.sessions[oldest.id]
+            self._close(oldest)
         sid = secrets.randbits(62)
         self.sessions[sid] = Session(sid, identity)
         log.info("session %d opened (%d open)", sid, len(self.sessions))
+        info = self.target.info
         return Message(MsgType.WELCOME, fields={
-            "session": sid, "model": self.name, "vocab_size": self.vocab_size,
-            "hidden_size": self.model.config.hidden_size, "dtype": str(self.model.dtype).removeprefix("torch."),
+            "session": sid, "model": info.name, "vocab_size": self.vocab_size, "hidden_size": info.hidden_size,
+            "dtype": info.weight_format, "engine": info.engine, "trees": info.trees, "features": info.features,
             "eos": self.eos, "max_positions": self.max_positions, "max_draft_tokens": self.config.max_draft_tokens,
             "verify_curve": {str(q): t for q, t in (self.verify_curve or {}).items()},
         })
@@ -109,21 +106,27 @@ class Verifier:
         )
         seed = msg.fields.get("seed")
         s.generator = torch.Generator().manual_seed(seed if isinstance(seed, int) else secrets.randbits(63))
-        s.want_features = bool(msg.fields.get("features", False))
+        want_features = bool(msg.fields.get("features", False))
+        if want_features and not self.target.info.features:
+            raise ProtocolError(f"the {self.target.info.engine} engine gives no features: use a draft LM", "no_features")
         t0 = time.perf_counter()
-        s.cache, s.past_len, s.root = DynamicCache(config=self.model.config), 0, None
-        logits, hidden = models.forward(self.model, s.cache, prompt, list(range(len(prompt))), logits_for=1)
-        s.past_len = len(prompt)
-        _, first = self._accept(s, [0], [-1], logits)
+        if s.state is None or want_features != s.want_features:  # a state is reused across generations
+            self._drop_state(s)
+            s.state, s.want_features = self.target.session(features=want_features), want_features
+        s.state.truncate(0)
+        s.root = None
+        out = s.state.forward(prompt, logits_for=1)
+        s.state.keep(list(range(len(prompt))))
+        _, first = self._accept(s, [0], [-1], out.logits)
         s.root = first
-        return self._result(s, [], first, hidden, time.perf_counter() - t0)
+        return self._result(s, [], first, out.features, time.perf_counter() - t0)
 
     def on_verify(self, identity: bytes, msg: Message) -> Message:
         """One forward over root + draft tree, acceptance, cache compaction."""
         s = self.session(identity, msg)
         if s.root is None:
             raise ProtocolError("VERIFY before START: send the prompt first", "no_prompt")
-        limit = min(self.config.max_draft_tokens, self.max_positions - s.past_len - 2)
+        limit = min(self.config.max_draft_tokens, self.max_positions - s.state.length - 2)
         draft = protocol.get_int_list(msg, "tokens", 0, self.vocab_size - 1, max(limit, 0))
         parents = protocol.get_int_list(msg, "parents", 0, len(draft), len(draft))
         why = sampling.validate_tree(parents, len(draft))
@@ -133,27 +136,40 @@ class Verifier:
         # 1 forward: root + draft nodes, each seeing the cache and its own ancestors
         tokens, tree = [s.root] + draft, [-1] + parents
         try:
-            logits, hidden = models.forward_tree(self.model, s.cache, tokens, tree, s.past_len)  # [q, V], [q, d]
+            out = s.state.forward(tokens, tree)  # logits [q, V], features [q, d] when asked for
+        except ValueError as exc:  # a tree this engine cannot run in one pass
+            s.state.truncate(s.state.length)
+            raise ProtocolError(str(exc), "bad_tree") from None
         except Exception:
-            models.crop_cache(s.cache, s.past_len)
+            s.state.truncate(s.state.length)
             raise
         # 2 accept: longest agreeing path + the target's own bonus token
-        path, bonus = self._accept(s, tokens, tree, logits)
+        path, bonus = self._accept(s, tokens, tree, out.logits)
         # 3 commit: keep the root and the accepted path in the cache
         keep = [0] + path
-        models.keep_cache_entries(s.cache, s.past_len, keep)
-        s.past_len += len(keep)
+        s.state.keep(keep)
         s.root = bonus
         # 4 reply: accepted tokens, bonus, features of root + accepted positions
-        return self._result(s, [tokens[i] for i in path], bonus, hidden[keep], time.perf_counter() - t0)
+        features = None if out.features is None else out.features[keep]
+        return self._result(s, [tokens[i] for i in path], bonus, features, time.perf_counter() - t0)
 
     def on_end(self, identity: bytes, msg: Message) -> Message:
         s = self.session(identity, msg)
-        del self.sessions[s.id]
+        self._close(s)
         log.info("session %d closed (%d open)", s.id, len(self.sessions))
         return Message(MsgType.BYE, fields={"session": s.id})
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _close(self, s: Session) -> None:
+        self._drop_state(s)
+        del self.sessions[s.id]
+
+    @staticmethod
+    def _drop_state(s: Session) -> None:
+        if s.state is not None:
+            s.state.close()
+            s.state = None
+
     def _accept(self, s: Session, tokens, tree, logits) -> tuple[list[int], int]:
         if s.params.greedy:
             return sampling.accept_greedy(tokens, tree, logits.argmax(-1).tolist())
@@ -162,9 +178,9 @@ class Verifier:
 
     def _result(self, s: Session, accepted, bonus, hidden, seconds) -> Message:
         msg = Message(MsgType.RESULT, fields={
-            "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.past_len,
+            "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.state.length,
         })
-        if s.want_features:
+        if s.want_features and hidden is not None:
             msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
         return msg
 
@@ -210,8 +226,14 @@ def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:
     return None
 
 
+def curve_key(info: lm.ModelInfo) -> str:
+    """Which saved curve fits an opened target: its engine and weight format ("bfloat16", "llamacpp-Q4_0")."""
+    return info.weight_format if info.engine == "torch" else f"{info.engine}-{info.weight_format}"
+
+
 def load_verify_curve(home, model: str, dtype: str) -> dict | None:
-    """This machine's measured chain curve for the model and dtype, if `dovetail bench --verify-curve` ran."""
+    """This machine's measured chain curve for the model and engine/format key (``curve_key``),
+    if `dovetail bench --verify-curve` ran."""
     import json
 
     path = home / "verify_curve.json"
@@ -219,19 +241,17 @@ def load_verify_curve(home, model: str, dtype: str) -> dict | None:
         return None
     try:
         saved = json.loads(path.read_text())
-        if saved.get("model") == model and dtype in saved.get("curves", {}):
+        if saved.get("model") == model.split(":", 1)[0] and dtype in saved.get("curves", {}):
             return {int(q): float(t) for q, t in saved["curves"][dtype]["chain"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("ignoring unreadable verification curve %s", path)
     return None
 
 
-def memory_report(model) -> str:
+def memory_report() -> str:
     import psutil
 
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    rss = psutil.Process(os.getpid()).memory_info().rss / 2**30
-    return f"weights {weights:.2f} GiB, process RSS {rss:.2f} GiB"
+    return f"process RSS {psutil.Process(os.getpid()).memory_info().rss / 2**30:.2f} GiB"
 
 
 def open_socket(config: VerifierConfig) -> tuple[zmq.Socket, str]:

@@ -1,14 +1,17 @@
-"""The two-process path over tcp://127.0.0.1 gives exactly the target's own greedy output."""
+"""The two-process path over tcp://127.0.0.1 gives exactly the target's own greedy output, on every
+engine: on llama.cpp the reference is llama.cpp itself decoding one token at a time from the same file."""
+
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from dovetail_rt import Client
+from dovetail_rt import Client, lm
 from dovetail_rt.config import DraftConfig
+from dovetail_rt.lm_torch import open_model as open_torch
 from dovetail_rt.reference import speculative_generate
 
-from conftest import noisy_copy
+from conftest import VerifierProcess, noisy_copy, tiny_target, tiny_tokenizer
 
 PROMPTS = [[5], [5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30))]
 # adaptive=False: fixed rules (p_min), so every case surely drafts; "chain-cost-model" lets the
@@ -25,23 +28,51 @@ DRAFTS = {
 
 
 @pytest.fixture(scope="module")
-def target(tiny_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+def target():
+    """The tiny target as a torch module (the tiny_dir folder holds the same seeded weights)."""
+    return tiny_target(0, sharpen=30)
 
 
-def target_greedy(target, prompt, n):
-    out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(prompt):].tolist()
+@pytest.fixture(scope="module", params=["torch", "llamacpp"])
+def engine(request, tiny_dir, tmp_path_factory):
+    """(verifier process, the same target opened in this process) on each engine."""
+    if request.param == "torch":
+        proc, model = VerifierProcess(tiny_dir), open_torch("tiny", Path("."), model=tiny_target(0, sharpen=30))
+    else:
+        pytest.importorskip("llama_cpp")
+        from tiny_gguf import write_gguf
+
+        vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+        path = write_gguf(tiny_target(0, sharpen=30), vocab, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+        proc = VerifierProcess(path, "--engine", "llamacpp", "--ctx-size", "512")
+        model = lm.open_lm(str(path), Path("."), "llamacpp", threads=1, n_ctx=512)
+    yield proc, model
+    proc.stop()
+
+
+def target_greedy(model: lm.LM, prompt, n):
+    """The engine's own greedy decode, one token per forward (what llama.cpp's own loop does)."""
+    s = model.session()
+    logits = s.forward(prompt, logits_for=1).logits[-1]
+    s.keep(list(range(len(prompt))))
+    out = []
+    while len(out) < n:
+        out.append(int(logits.argmax()))
+        logits = s.forward(out[-1:]).logits[-1]
+        s.keep([0])
+    s.close()
+    return out
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", DRAFTS)
-def test_greedy_output_equals_target_only(verifier, target, name):
+def test_greedy_output_equals_target_only(engine, target, name):
+    verifier, target_lm = engine
     draft = noisy_copy(target, noise=0.3)
     with Client(verifier=verifier.endpoint, draft=draft, draft_config=DRAFTS[name], timeout_s=30) as client:
         n_accepted = 0
         for prompt in PROMPTS:
-            expected = target_greedy(target, prompt, 40)
+            expected = target_greedy(target_lm, prompt, 40)
             out = client.generate(prompt, max_new_tokens=40)
             assert out.token_ids == expected, f"prompt {prompt}"
             assert out.stats.n_generated == 40
@@ -51,20 +82,23 @@ def test_greedy_output_equals_target_only(verifier, target, name):
 
 
 @pytest.mark.timeout(120)
-def test_reference_matches_two_process_path(verifier, target):
+def test_reference_matches_two_process_path(engine, target):
     """The single-process reference and the fast path agree token for token and step for step."""
+    verifier, target_lm = engine
     draft = noisy_copy(target, noise=0.3)
     cfg = DRAFTS["tree-3x4x12"]
     with Client(verifier=verifier.endpoint, draft=draft, draft_config=cfg, timeout_s=30) as client:
         for prompt in PROMPTS[:2]:
             fast = client.generate(prompt, max_new_tokens=30)
-            ref = speculative_generate(target, draft, prompt, 30, cfg)
+            ref = speculative_generate(target_lm, open_torch("draft", Path("."), model=draft), prompt, 30, cfg)
             assert fast.token_ids == ref.token_ids
             assert (fast.stats.n_steps, fast.stats.n_accepted) == (ref.stats.n_steps, ref.stats.n_accepted)
 
 
 @pytest.mark.timeout(120)
-def test_identical_draft_is_fully_accepted(verifier, target):
+def test_identical_draft_is_fully_accepted(engine, target):
+    """Known answer: a draft identical to the target drafting 4-token chains has every token accepted, tau 5."""
+    verifier, _ = engine
     with Client(verifier=verifier.endpoint, draft=noisy_copy(target, 0.0),
                 draft_config=DraftConfig(draft_max=4, p_min=0.0, adaptive=False), timeout_s=30) as client:
         out = client.generate([3, 4, 5], max_new_tokens=21)
@@ -75,12 +109,12 @@ def test_identical_draft_is_fully_accepted(verifier, target):
 def test_forward_computes_only_the_logits_asked_for(target):
     """A prefill needs the last row's logits, feature extraction none: the rows computed equal the
     same rows of the full forward, and the features are the same."""
-    from dovetail_rt import models
+    from dovetail_rt.lm_torch import forward
 
     prompt = list(range(1, 30))
-    full, hidden = models.forward(target, None, prompt, list(range(len(prompt))))
-    last, hidden_1 = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
-    none, _ = models.forward(target, None, prompt, list(range(len(prompt))), logits_for=0)
+    full, hidden = forward(target, None, prompt, list(range(len(prompt))))
+    last, hidden_1 = forward(target, None, prompt, list(range(len(prompt))), logits_for=1)
+    none, _ = forward(target, None, prompt, list(range(len(prompt))), logits_for=0)
     assert last.shape == (1, full.shape[1]) and none.shape == (0, full.shape[1])
     torch.testing.assert_close(last, full[-1:])
     torch.testing.assert_close(hidden_1, hidden)

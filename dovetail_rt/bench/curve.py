@@ -1,6 +1,6 @@
 """The verification cost curve T_V(q): one target forward over q new tokens after a cached
-context, with a chain mask and with a tree mask, per dtype. The heart of the method on a CPU:
-the draft side sizes its drafts from it (see ``cost.py``)."""
+context, as a chain and as a tree, per engine and weight format. The heart of the method on a
+CPU: the draft side sizes its drafts from it (see ``cost.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import models
+from .. import lm
 
 DEFAULT_QS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 
@@ -21,39 +21,64 @@ def binary_tree(q: int) -> list[int]:
     return [-1] + [(i - 1) // 2 for i in range(1, q)]
 
 
-def measure(model, qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> dict:
+def measure(target: lm.LM, qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> dict:
     """{"chain": {q: seconds}, "tree": {q: seconds}} (median of ``reps`` after one warm-up)."""
     import torch
-    from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(0)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = target.info.vocab_size
     ctx = torch.randint(100, vocab - 100, (context,), generator=gen).tolist()
-    cache = DynamicCache(config=model.config)
-    models.forward(model, cache, ctx, list(range(context)), logits_for=0)
+    state = target.session()
+    state.forward(ctx, logits_for=0)
+    state.keep(list(range(context)))
     out = {"chain": {}, "tree": {}}
     jobs = [(shape, q) for q in qs for shape in ("chain", "tree") if not (shape == "tree" and q < 3)]
-    for shape, q in tqdm(jobs, desc=f"verify curve {str(model.dtype).removeprefix('torch.')}", unit="point"):
+    for shape, q in tqdm(jobs, desc=f"verify curve {target.info.engine} {target.info.weight_format}", unit="point"):
         parents = list(range(-1, q - 1)) if shape == "chain" else binary_tree(q)
         tokens = torch.randint(100, vocab - 100, (q,), generator=gen).tolist()
         times = []
         for rep in range(reps + 1):
             t0 = time.perf_counter()
-            models.forward_tree(model, cache, tokens, parents, context)
+            state.forward(tokens, parents)
             if rep:
                 times.append(time.perf_counter() - t0)
-            models.crop_cache(cache, context)
+            state.truncate(context)
         out[shape][q] = statistics.median(times)
+    state.close()
     return out
 
 
-def run(model_spec: str, home: Path, dtypes: list[str], qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> dict:
-    result = {"model": model_spec, "context": context, "reps": reps, "curves": {}}
-    for name in dtypes:
-        model, _ = models.load_model(model_spec, home, models.resolve_dtype(name))
-        result["curves"][name] = measure(model, qs, context, reps)
-        del model
+def variants(model_spec: str, home: Path, engines: list[str], dtypes: list[str]) -> list[tuple[str, str, dict]]:
+    """(engine, spec, options) for every curve to measure: the torch engine once per dtype, the
+    llama.cpp engine once per installed GGUF format of the target."""
+    from .. import store
+
+    out = []
+    for engine in engines:
+        if engine == "torch":
+            out += [("torch", model_spec, {"dtype": d}) for d in dtypes]
+        else:
+            out += [("llamacpp", spec, {}) for spec in store.installed_formats(model_spec, home)]
+    return out
+
+
+def run(model_spec: str, home: Path, engines: list[str], dtypes: list[str], qs=DEFAULT_QS, context: int = 300,
+        reps: int = 3, threads: int | None = None) -> dict:
+    from ..verifier import curve_key
+
+    result = {"model": store_base(model_spec), "context": context, "reps": reps, "curves": {}, "files": {}}
+    for engine, spec, options in variants(model_spec, home, engines, dtypes):
+        target = lm.open_lm(spec, home, engine, threads=threads, **options)
+        key = curve_key(target.info)
+        result["curves"][key] = measure(target, qs, context, reps)
+        result["files"][key] = target.info.path
+        target.close()
     return result
+
+
+def store_base(spec: str) -> str:
+    """The model a curve belongs to: a format variant's curve ("name:q4_0") is the named model's."""
+    return spec.split(":", 1)[0]
 
 
 def plot(result: dict, path: Path, title: str) -> None:
@@ -63,11 +88,11 @@ def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for dtype, curves in result["curves"].items():
+    for key, curves in result["curves"].items():
         for shape, style in (("chain", "-o"), ("tree", "--s")):
             pts = sorted((int(q), t) for q, t in curves[shape].items())
             if pts:
-                ax.plot([q for q, _ in pts], [1000 * t for _, t in pts], style, ms=3, label=f"{dtype} {shape}")
+                ax.plot([q for q, _ in pts], [1000 * t for _, t in pts], style, ms=3, label=f"{key} {shape}")
     ax.set_xlabel("new tokens in one target forward (q)")
     ax.set_ylabel("ms")
     ax.set_title(title, fontsize=8)
@@ -82,5 +107,13 @@ def save_for_drafts(result: dict, home: Path) -> Path:
     """Keep the latest curve where the draft side finds it: $DOVETAIL_HOME/verify_curve.json."""
     path = home / "verify_curve.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+    if saved.get("model") == result["model"]:  # keep the other engines' and formats' curves
+        result = {**result, "curves": {**saved.get("curves", {}), **result["curves"]}}
     path.write_text(json.dumps(result, indent=1))
     return path

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import data, models
+from .. import data, lm
 from ..config import DraftConfig
+from ..drafter import open_draft
 from ..launcher import VerifierChild
 from . import report
 from .systems import DovetailSystem, HFSystem, LlamaCppSystem
@@ -86,17 +87,27 @@ def load_prompts(dataset: str | None, prompts_file: str | None, limit: int, toke
     return name, encoded[:limit] if limit else encoded
 
 
+def engine_rows(engines: list[str]) -> dict[str, str]:
+    """Row-name suffix per engine: the first engine's rows keep plain names (`target`, `dovetail-chain`),
+    the others get `@engine` (`target@torch`)."""
+    return {e: "" if i == 0 else f"@{e}" for i, e in enumerate(engines)}
+
+
 def run(args, home: Path) -> dict:
     """Run the bench described by CLI ``args``; returns the results dict (also written to disk)."""
-    import torch
+    from contextlib import ExitStack
+
+    from ..lm_torch import eos_ids, load_model, resolve_dtype
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
         raise ValueError(f"unknown systems {bad}; choose from {', '.join(ALL_SYSTEMS)}")
-    target_dtype = models.resolve_dtype(args.dtype)
+    engines = list(dict.fromkeys(lm.choose_engine(e.strip(), args.model, home) for e in args.engine.split(",")))
+    suffix = engine_rows(engines)
+    target_dtype = resolve_dtype(args.dtype)
     dtype_name = str(target_dtype).removeprefix("torch.")
-    draft_model, tokenizer = models.load_draft(args.model_draft, home, args.draft_dtype, "cpu")
+    draft_model, tokenizer = open_draft(args.model_draft, home, args.draft_dtype, "cpu", args.draft_engine)
     datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
     limits = [int(x) for x in str(args.limit).split(",")]
     if len(limits) not in (1, len(datasets)):
@@ -104,36 +115,48 @@ def run(args, home: Path) -> dict:
     limits = limits * len(datasets) if len(limits) == 1 else limits
     prompt_sets = [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
     eos = None
+    draft_info = getattr(draft_model, "info", None)
     results = {"command": args.command_line, "commit": report.code_version(),
                "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
-               "temperature": args.temp, "target": args.model, "draft": args.model_draft, "datasets": {}}
-    rows = results["rows"] = {}  # dovetail row -> its draft and tree shape (for the sweep plots)
+               "temperature": args.temp, "target": args.model, "draft": args.model_draft, "engines": {},
+               "draft_engine": draft_info.describe() if draft_info else "torch", "datasets": {}}
+    rows = results["rows"] = {}  # dovetail row -> its draft, engine and tree shape (for the sweep plots)
+    engine_of: dict[str, str] = {}  # row -> the engine whose one-token greedy output it must equal
     heads = [h for h in (args.head or "").split(",") if h]
     lm_modes, head_modes = dovetail_modes(args), tree_modes(args.trees or HEAD_TREES, "dovetail-head", args)
     # every system keeps its session open for the whole run: the verifier must not close the oldest
     sessions = 1 + len(lm_modes) + len(heads) * len(head_modes)
-    with VerifierChild(args.model, dtype_name, extra=["--max-sessions", str(max(16, sessions))]) as child:
+    with ExitStack() as stack:
         active = []
-        if "target" in systems:
-            active.append(DovetailSystem("target", child.endpoint, None, tokenizer, DraftConfig()))
+        for engine in engines:
+            child = stack.enter_context(VerifierChild(args.model, dtype_name, extra=[
+                "--engine", engine, "--max-sessions", str(max(16, sessions))]))
+            results["engines"][engine] = child.target
+            tag = suffix[engine]
+            if "target" in systems:
+                active.append(DovetailSystem(f"target{tag}", child.endpoint, None, tokenizer, DraftConfig()))
+                engine_of[f"target{tag}"] = engine
+            if "dovetail" in systems:
+                for name, (cfg, shape) in lm_modes.items():
+                    active.append(DovetailSystem(name + tag, child.endpoint, draft_model, tokenizer, cfg))
+                    rows[name + tag] = {"draft": args.model_draft, "engine": engine, **shape}
+                    engine_of[name + tag] = engine
+                for head_dir in heads:
+                    head, _ = open_draft(head_dir, home, args.draft_dtype, "cpu")
+                    for name, (cfg, shape) in head_modes.items():
+                        name = f"{name}-{Path(head_dir).name}{tag}"
+                        active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
+                        rows[name] = {"draft": Path(head_dir).name, "head_layers": head.config.layers, "engine": engine,
+                                      "fusion": head.config.fusion, **shape}
+                        engine_of[name] = engine
         if "hf" in systems or "hf-assisted" in systems:
-            hf_target, _ = models.load_model(args.model, home, target_dtype)
-            eos = models.eos_ids(hf_target, tokenizer)
+            hf_target, _ = load_model(args.model, home, target_dtype)
+            eos = eos_ids(hf_target, tokenizer)
             if "hf" in systems:
                 active.append(HFSystem("hf", hf_target, eos=eos))
-            if "hf-assisted" in systems:
-                active.append(HFSystem("hf-assisted", hf_target, assistant=draft_model, eos=eos))
-        if "dovetail" in systems:
-            for name, (cfg, shape) in lm_modes.items():
-                active.append(DovetailSystem(name, child.endpoint, draft_model, tokenizer, cfg))
-                rows[name] = {"draft": args.model_draft, **shape}
-            for head_dir in heads:
-                head, _ = models.load_draft(head_dir, home, args.draft_dtype, "cpu")
-                for name, (cfg, shape) in head_modes.items():
-                    name = f"{name}-{Path(head_dir).name}"
-                    active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
-                    rows[name] = {"draft": Path(head_dir).name, "head_layers": head.config.layers,
-                                  "fusion": head.config.fusion, **shape}
+            if "hf-assisted" in systems:  # transformers' own assisted generation needs a torch draft module
+                hf_draft = lm.open_lm(args.model_draft, home, "torch", dtype=args.draft_dtype if args.draft_dtype != "auto" else "int8")
+                active.append(HFSystem("hf-assisted", hf_target, assistant=hf_draft.model, eos=eos))
         for name in ("llamacpp", "llamacpp-spec"):
             if name in systems:
                 found = llamacpp_parts(home, args.model, args.model_draft)
@@ -142,21 +165,63 @@ def run(args, home: Path) -> dict:
                     print(f"skipping {name}: {found}", file=sys.stderr)
                 else:
                     active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1))
-        try:
-            # warm-up: one short generation each (not measured)
-            for s in active:
-                s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
-            for name, prompts in prompt_sets:
-                runs = {s.name: [] for s in active}
-                for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
-                    for s in active:  # interleaved: every system sees the machine in the same state
-                        runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
-                ref_name = "target" if "target" in runs else ("hf" if "hf" in runs else None)
-                reference = dict(enumerate(r.token_ids for r in runs[ref_name])) if ref_name and args.temp == 0 else None
-                summary = report.summarize(runs, "target" if "target" in runs else None, reference)
-                results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,
-                                             "identical_reference": ref_name}
-        finally:
-            for s in active:
-                s.close()
+        # warm-up: one short generation each (not measured)
+        for s in active:
+            s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
+        for name, prompts in prompt_sets:
+            runs = {s.name: [] for s in active}
+            for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
+                for s in active:  # interleaved: every system sees the machine in the same state
+                    runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
+            references = greedy_references(runs, engine_of, suffix) if args.temp == 0 else None
+            summary = report.summarize(runs, "target" if "target" in runs else None, references)
+            if references:
+                add_divergences(summary, runs, references, engine_of, prompts, args.model, home, dtype_name)
+            results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,
+                                         "identical_reference": "each row's engine's target row (one token per step)"}
+        for s in active:
+            s.close()
     return results
+
+
+def greedy_references(runs: dict, engine_of: dict[str, str], suffix: dict[str, str]) -> dict[str, dict[int, list[int]]]:
+    """Which output each row must equal: a dovetail row its own engine's `target` row (that engine
+    decoding one token at a time from the same file); other rows (hf, llama.cpp's binaries) the first
+    engine's target, or `hf` without a target row."""
+    first = "target" if "target" in runs else ("hf" if "hf" in runs else None)
+    refs = {}
+    for name in runs:
+        ref = f"target{suffix[engine_of[name]]}" if name in engine_of else first
+        if ref in runs and ref != name:
+            refs[name] = dict(enumerate(r.token_ids for r in runs[ref]))
+    return refs
+
+
+def add_divergences(summary: dict, runs: dict, references: dict, engine_of: dict[str, str], prompts, model: str,
+                    home: Path, dtype: str) -> None:
+    """For every output that differs from its reference: where it first differs, and the reference
+    engine's top-2 logit gap there (a near-tie explains a divergence; a wide gap would be a bug)."""
+    opened: dict[str, lm.LM] = {}
+    for name, reference in references.items():
+        engine = engine_of.get(name)
+        if engine is None:
+            continue
+        found = []
+        for i, run_ in enumerate(runs[name]):
+            ref = reference[i]
+            at = next((j for j, (a, b) in enumerate(zip(run_.token_ids, ref)) if a != b), None)
+            if at is None:
+                continue
+            target = opened.get(engine) or opened.setdefault(engine, lm.open_lm(model, home, engine, dtype=dtype))
+            state = target.session()
+            logits = state.forward(prompts[i][1] + ref[:at], logits_for=1).logits[0]
+            state.close()
+            top = logits.topk(2).values.tolist()
+            found.append({"prompt": prompts[i][0], "at": at, "ours": run_.token_ids[at], "reference": ref[at],
+                          "top2_gap": round(top[0] - top[1], 4)})
+        if found:
+            summary[name]["divergences"] = found
+    for target in opened.values():
+        target.close()
+
+

@@ -54,8 +54,9 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), v[0], v[-1]
 
 
-def summarize(runs: dict[str, list], baseline: str | None, reference: dict[int, list[int]] | None) -> dict:
-    """runs[system] = [Run per prompt, same prompt order]; speedups are per prompt vs ``baseline``."""
+def summarize(runs: dict[str, list], baseline: str | None, references: dict[str, dict[int, list[int]]] | None) -> dict:
+    """runs[system] = [Run per prompt, same prompt order]; speedups are per prompt vs ``baseline``;
+    ``references[system]``: the greedy output (per prompt index) that system's output should equal."""
     out = {}
     for name, rs in runs.items():
         tps = [r.decode_tok_per_s for r in rs]
@@ -77,6 +78,7 @@ def summarize(runs: dict[str, list], baseline: str | None, reference: dict[int, 
             row["tau"] = (accepted + steps) / steps
             for key in ("draft_s", "verify_s", "link_s"):
                 row[f"{key[:-2]}_ms_per_step"] = 1000 * sum(r.timings.get(key, 0.0) for r in rs) / steps
+        reference = (references or {}).get(name)
         if reference:
             same = [r.token_ids == reference[i] for i, r in enumerate(rs) if i in reference]
             row["identical_pct"] = 100 * sum(same) / len(same) if same else None

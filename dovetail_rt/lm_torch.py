@@ -1,0 +1,197 @@
+"""The torch engine: transformers models behind the ``lm`` seam; the exact float32 reference.
+
+Loads installed defaults (their safetensors folder), folders, GGUF files (dequantized) and hub ids.
+A session's cache is a transformers ``DynamicCache`` holding the committed tokens, then the pending
+nodes in the order they were forwarded; a tree forward sees them through a boolean attention mask
+(every node: the committed tokens, its pending ancestors and itself). No sockets here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from . import lm, store, tree
+from .lm import ModelInfo, Output
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bfloat16 math (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of every Linear (weights int8, activations quantized per call)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_model(spec: str, home: Path, dtype: torch.dtype, device: str = "cpu"):
+    """-> (model in eval mode, tokenizer or None). ``spec`` as accepted by ``store.resolve``."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = store.resolve(spec, home)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise store.ModelNotFound(f"could not load model '{spec}' from {path}: {exc}") from exc
+    return model.to(device).eval(), store.load_tokenizer(spec, home)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def open_model(spec: str, home: Path, dtype: str = "auto", device: str = "cpu", model=None, tokenizer=None,
+               **_ignored) -> "TorchLM":
+    """Open ``spec`` with transformers; ``dtype`` auto / float32 / bfloat16 / float16 / int8 (dynamic
+    quantization, CPU only). ``model`` wraps an already-built module instead (tests, the bench)."""
+    if model is None:
+        if dtype == "int8":
+            if device != "cpu":
+                raise ValueError("int8 models run on the CPU only; use float16 on CUDA")
+            model, tokenizer = load_model(spec, home, torch.float32, device)
+            model = quantize_int8(model)
+        else:
+            model, tokenizer = load_model(spec, home, resolve_dtype(dtype, device), device)
+        fmt = dtype if dtype == "int8" else str(resolve_dtype(dtype, device)).removeprefix("torch.")
+    else:
+        model = model.to(device).eval()
+        fmt = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return TorchLM(model, tokenizer, spec, fmt)
+
+
+class TorchLM:
+    """One transformers model; sessions share its weights and own their caches."""
+
+    def __init__(self, model, tokenizer, name: str, weight_format: str):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.info = ModelInfo(
+            name=name, engine="torch", path=str(getattr(cfg, "_name_or_path", name) or name), weight_format=weight_format,
+            vocab=store.vocab_strings(tokenizer), vocab_size=model.get_output_embeddings().weight.shape[0],
+            hidden_size=cfg.hidden_size, eos=eos_ids(model, tokenizer),
+            max_positions=getattr(cfg, "max_position_embeddings", 1 << 20),
+        )
+
+    def session(self, features: bool = False) -> "TorchSession":
+        return TorchSession(self.model)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchSession:
+    """Committed tokens then pending nodes in one ``DynamicCache``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.length = 0  # committed tokens (the first cache entries)
+        self.pending: list[int] = []  # parent of each pending node (a pending index, -1 = committed)
+
+    def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
+        n_pending = len(self.pending)
+        new = lm.resolve_parents(parents, len(tokens), n_pending, n_pending - 1)
+        every = self.pending + new
+        depth = tree.pool_depths(every)
+        positions = [self.length + d for d in depth[n_pending:]]
+        linear = every == list(range(-1, len(every) - 1))  # one chain after the committed tokens: causal mask
+        new_nodes = list(range(n_pending, len(every)))
+        mask = None if linear else tree.expansion_mask(new_nodes, list(range(n_pending)), every, self.length)[None, None]
+        try:
+            logits, hidden = forward(self.model, self.cache, tokens, positions, mask, logits_for)
+        except Exception:
+            crop_cache(self.cache, self.length + n_pending)
+            raise
+        self.pending = every
+        return Output(logits.float(), hidden)
+
+    def keep(self, path: list[int]) -> None:
+        lm.check_path(path, self.pending)
+        keep_cache_entries(self.cache, self.length, path)
+        self.length += len(path)
+        self.pending = []
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+        self.pending = []
+        crop_cache(self.cache, self.length)
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    # eager and others take an additive float mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+@torch.inference_mode()
+def forward(model, cache, tokens: list[int], positions: list[int], mask: torch.Tensor | None = None,
+            logits_for: int | None = None):
+    """One forward of ``tokens`` appended to ``cache``; ``mask`` [1, 1, q, past + q] bool or None
+    (plain causal). Returns (logits [n, vocab], hidden [q, d]); hidden is the last layer's output
+    after the final norm: the feature the draft head reads. Logits are computed for the last
+    ``logits_for`` rows only (None: all q): a prefill needs one, feature extraction none, and the
+    lm_head is ~15 % of a 1.5B model's work per row."""
+    device = model.device
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, q]
+    pos = torch.tensor([positions], dtype=torch.long, device=device)  # [1, q]
+    kwargs = {} if mask is None else {"attention_mask": _mask_for(model, mask, model.dtype).to(device)}
+    out = model.get_decoder()(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **kwargs)
+    hidden = out.last_hidden_state[0]  # [q, d]
+    rows = hidden if logits_for is None else hidden[hidden.shape[0] - logits_for :]
+    return model.get_output_embeddings()(rows), hidden
+
+
+def keep_cache_entries(cache, past_len: int, keep: list[int]) -> None:
+    """Compact the cache to ``past_len`` entries + the pending entries in ``keep`` (relative indices)."""
+    total = cache.get_seq_length()
+    if keep == list(range(len(keep))):  # a prefix of the block: a crop does it
+        if total - past_len - len(keep) > 0:
+            cache.crop(-(total - past_len - len(keep)))
+        return
+    index = torch.tensor(list(range(past_len)) + [past_len + k for k in keep], dtype=torch.long)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
+        layer.values = layer.values.index_select(-2, index.to(layer.values.device))
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop every cache entry past ``length``."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

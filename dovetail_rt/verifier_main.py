@@ -1,0 +1,61 @@
+"""`dovetail verifier`'s process: pin the CPUs, open the target on its engine, serve until stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from . import placement
+from .config import VerifierConfig
+
+
+def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None = None,
+        exit_with_parent: bool = False) -> int:
+    placement.apply(where)  # before torch or llama.cpp load: OpenMP reads its environment then
+    if exit_with_parent:
+        die_with_parent()
+
+    import torch
+
+    from . import lm
+    from .verifier import Verifier, curve_key, load_verify_curve, memory_report, open_socket
+
+    torch.set_num_threads(where.threads)
+    t0 = time.perf_counter()
+    target = lm.open_lm(config.model, config.home, config.engine, dtype=config.dtype, threads=where.threads,
+                        n_ctx=config.n_ctx, max_tree=config.max_draft_tokens + 1, numa=where.multi_node)
+    info = target.info
+    curve = load_verify_curve(config.home, config.model, curve_key(info))
+    verifier = Verifier(target, config, verify_curve=curve)
+    sock, endpoint = open_socket(config)
+    print(f"dovetail verifier: {config.model} loaded in {time.perf_counter() - t0:.1f} s\n"
+          f"  engine:    {info.engine}, weights {info.weight_format}, {info.path}\n"
+          f"  placement: {where.describe()} ({where.threads} threads)\n"
+          f"  memory:    {memory_report()}\n"
+          f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
+          f"  listening: {endpoint}", file=sys.stderr, flush=True)
+    if ready_fd is not None:
+        with os.fdopen(ready_fd, "w") as ready:  # the launcher reads the endpoint, then what runs there
+            ready.write(endpoint + "\n" + json.dumps({"engine": info.engine, "format": info.weight_format,
+                                                     "file": info.path}) + "\n")
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    parent = os.getppid()
+    verifier.serve(sock, should_stop=lambda: bool(stopping) or (exit_with_parent and os.getppid() != parent))
+    sock.close(0)
+    print("dovetail verifier: stopped", file=sys.stderr)
+    return 0
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when the parent dies (no orphan verifier)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,172 @@
+"""The model seam's contract, run on every engine: tiny float32 models (the torch engine's Llama and
+the same weights written as a GGUF for llama.cpp), so each engine is checked against itself and
+the llama.cpp engine against the torch reference."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dovetail_rt import lm
+from dovetail_rt.lm_torch import open_model as open_torch
+
+from conftest import tiny_target, tiny_tokenizer
+
+ATOL = 2e-3  # llama.cpp's kernels round differently per batch size: close, not bitwise (DESIGN.md §7)
+PROMPT = [5, 17, 3, 80, 41, 9, 66, 12]
+
+
+@pytest.fixture(scope="module")
+def torch_lm():
+    return open_torch("tiny", Path("."), model=tiny_target(0, sharpen=30), tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    from tiny_gguf import write_gguf
+
+    vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+    return write_gguf(tiny_target(0, sharpen=30), vocab, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module", params=["torch", "llamacpp"])
+def model(request, torch_lm):
+    if request.param == "torch":
+        yield torch_lm
+        return
+    pytest.importorskip("llama_cpp")
+    path = request.getfixturevalue("gguf_path")
+    opened = lm.open_lm(str(path), Path("."), "llamacpp", threads=1, n_ctx=512, max_tree=32)
+    yield opened
+    opened.close()
+
+
+def prefill(model, tokens, features=False):
+    s = model.session(features=features)
+    s.forward(tokens, logits_for=0)
+    s.keep(list(range(len(tokens))))
+    return s
+
+
+def chain_logits(model, tokens) -> torch.Tensor:
+    """Logits after each token of a fresh chain forward (the reference every check compares to)."""
+    s = model.session()
+    out = s.forward(tokens).logits
+    s.close()
+    return out
+
+
+TREE_TOKENS = [30, 31, 32, 33, 34, 35, 36]
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 5]  # root, two children, grandchildren, a depth-3 node
+
+
+def path_to(node, parents):
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def test_tree_forward_equals_chain_forward_of_each_path(model):
+    s = prefill(model, PROMPT)
+    tree = s.forward(TREE_TOKENS, TREE_PARENTS).logits
+    for node in range(len(TREE_TOKENS)):
+        path = [TREE_TOKENS[i] for i in path_to(node, TREE_PARENTS)]
+        expected = chain_logits(model, PROMPT + path)[-1]
+        torch.testing.assert_close(tree[node], expected, atol=ATOL, rtol=0)
+    s.close()
+
+
+def test_tree_grown_over_several_forwards_equals_one_pass(model):
+    """A draft grows its tree a level per forward; parents may point at an earlier forward's node."""
+    s = prefill(model, PROMPT)
+    first = s.forward(TREE_TOKENS[:3], TREE_PARENTS[:3]).logits
+    second = s.forward(TREE_TOKENS[3:], TREE_PARENTS[3:]).logits
+    s.close()
+    one = prefill(model, PROMPT)
+    whole = one.forward(TREE_TOKENS, TREE_PARENTS).logits
+    one.close()
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("accepted", [[0], [0, 2, 5, 6], [0, 1, 4]])
+def test_keep_then_next_forward_equals_fresh_prefill(model, accepted):
+    s = prefill(model, PROMPT)
+    s.forward(TREE_TOKENS, TREE_PARENTS)
+    s.keep(accepted)
+    committed = PROMPT + [TREE_TOKENS[i] for i in accepted]
+    assert s.length == len(committed)
+    nxt = s.forward([7, 8]).logits
+    s.close()
+    torch.testing.assert_close(nxt, chain_logits(model, committed + [7, 8])[-2:], atol=ATOL, rtol=0)
+
+
+def test_truncate_forgets_dropped_tokens(model):
+    s = prefill(model, PROMPT)
+    s.forward([50, 51, 52])
+    s.keep([0, 1, 2])
+    s.forward([60, 61], [-1, -1])  # pending siblings, dropped too
+    s.truncate(len(PROMPT) - 2)
+    assert s.length == len(PROMPT) - 2
+    out = s.forward([90, 91]).logits
+    s.close()
+    torch.testing.assert_close(out, chain_logits(model, PROMPT[:-2] + [90, 91])[-2:], atol=ATOL, rtol=0)
+
+
+def test_chain_then_branch_then_keep(model):
+    """A pending chain (linear) that later branches, as a chain draft followed by a sibling."""
+    s = prefill(model, PROMPT)
+    s.forward([40])
+    s.forward([41])  # continues the chain: pending 0 -> 1
+    s.forward([42], [0])  # a sibling of 41 below 40: the pending nodes branch
+    s.keep([0, 2])
+    out = s.forward([43]).logits
+    s.close()
+    torch.testing.assert_close(out[0], chain_logits(model, PROMPT + [40, 42, 43])[-1], atol=ATOL, rtol=0)
+
+
+def test_keep_refuses_a_set_that_is_not_a_path(model):
+    s = prefill(model, PROMPT)
+    s.forward(TREE_TOKENS, TREE_PARENTS)
+    with pytest.raises(ValueError, match="root-to-node"):
+        s.keep([0, 3])  # 3 is a child of 1, not of 0
+    with pytest.raises(ValueError, match="parent"):
+        s.forward([1], [99])
+    s.close()
+
+
+def test_logits_for_picks_the_last_rows(model):
+    s = model.session()
+    last = s.forward(PROMPT, logits_for=2).logits
+    s.close()
+    assert last.shape == (2, model.info.vocab_size)
+    torch.testing.assert_close(last, chain_logits(model, PROMPT)[-2:], atol=ATOL, rtol=0)
+
+
+def test_features_are_the_same_in_a_tree_and_a_chain(model):
+    s = prefill(model, PROMPT, features=True)
+    tree = s.forward(TREE_TOKENS, TREE_PARENTS).features
+    s.close()
+    assert tree.shape == (len(TREE_TOKENS), model.info.hidden_size)
+    c = model.session(features=True)
+    chain = c.forward(PROMPT + [TREE_TOKENS[i] for i in path_to(6, TREE_PARENTS)]).features
+    c.close()
+    torch.testing.assert_close(tree[6], chain[-1], atol=ATOL, rtol=0)
+
+
+def test_engines_agree_with_the_torch_reference(model, torch_lm):
+    """The same weights give the same logits and features on every engine (float32 files)."""
+    ours = model.session(features=True).forward(PROMPT)
+    ref = torch_lm.session(features=True).forward(PROMPT)
+    torch.testing.assert_close(ours.logits, ref.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.features.float(), ref.features.float(), atol=ATOL, rtol=0)
+
+
+def test_info_carries_the_handshake_facts(model):
+    from dovetail_rt.store import vocab_strings
+
+    info = model.info
+    assert info.vocab == vocab_strings(tiny_tokenizer())  # the strings the draft side sends in HELLO
+    assert (info.vocab_size, info.hidden_size) == (99, 32)
+    assert info.trees and info.features and info.engine in lm.ENGINES
