@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -291,8 +290,11 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out)
     path = report.write(results, out_dir, stem)
     if not args.no_plots:
-        results["plots"] = report.plots(results, out_dir, stem) + report.sweep_plots(results, out_dir, stem)
-        report.write(results, out_dir, stem)
+        try:
+            results["plots"] = report.plots(results, out_dir, stem) + report.sweep_plots(results, out_dir, stem)
+            report.write(results, out_dir, stem)
+        except ImportError as exc:  # the measurements are saved already; plots are a convenience
+            print(f"dovetail bench: no plots ({exc}); `bash launch/setup.sh --dev` installs matplotlib", file=sys.stderr)
     m = results["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
           f"-n {results['n_new_tokens']}, temp {results['temperature']}")
@@ -307,72 +309,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_verify_curve(args) -> int:
-    from .bench import curve, report
+    from .bench import curve
 
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
-    engines = ["llamacpp", "torch"] if engines == ["auto"] else engines
-    result = curve.run(args.model, dovetail_home(), engines, [d.strip() for d in args.curve_dtypes.split(",")])
-    result["command"], result["machine"] = args.command_line, report.machine_info(args.curve_dtypes)
-    stem = time.strftime("verify-curve-%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        png = out_dir / f"{stem}.png"
-        curve.plot(result, png, f"{args.model} on {result['machine']['cpu']}, {result['context']}-token context")
-        result["plot"] = str(png)
-    path = report.write(result, out_dir, stem)
-    curve.save_for_drafts(result, dovetail_home())
-    for key, curves in result["curves"].items():
-        print(f"{key}: ms per forward over q new tokens ({result['files'][key]}, {result['context']}-token context)")
-        print("   q  " + " ".join(f"{q:>6d}" for q in sorted(curves["chain"])))
-        for shape in ("chain", "tree"):
-            row = [f"{1000 * curves[shape][q]:6.0f}" if q in curves[shape] else "     -" for q in sorted(curves["chain"])]
-            print(f"{shape:6s}" + " ".join(row))
-    print(f"results: {path}")
-    print(json.dumps({"results_file": str(path), "curves": result["curves"]}))
-    return 0
+    return curve.main(args.model, dovetail_home(), ["llamacpp", "torch"] if engines == ["auto"] else engines,
+                      [d.strip() for d in args.curve_dtypes.split(",")], Path(args.out), not args.no_plots,
+                      args.command_line)
 
 
 def cmd_train_head(args) -> int:
-    import torch
+    from . import train_head
 
-    from . import lm, train_head
-    from .client import resolve_device
-    from .lm_torch import resolve_dtype
-
-    home = dovetail_home()
-    target_dir, _ = store.resolve(args.model, home)
-    dtype = resolve_dtype(args.extract_dtype)
-    specs = [s.strip() for s in args.data.split(",") if s.strip()]
-    budgets = [int(float(t)) for t in str(args.max_tokens).split(",")]
-    if len(budgets) == 1:
-        budgets *= len(specs)
-    if len(budgets) != len(specs):
-        raise ValueError(f"--max-tokens has {len(budgets)} values for {len(specs)} --data corpora: give one, or one each")
-    target = lm.open_lm(args.model, home, "torch", dtype=args.extract_dtype)
-    tokenizer = target.tokenizer
-    seqs, feature_tokens = [], 0
-    for spec, budget in zip(specs, budgets):  # each corpus has its own feature cache
-        feats = train_head.feature_dir(home, args.model, spec, str(dtype), args.max_len)
-        manifest = train_head.extract(target, tokenizer, spec, feats, budget, args.max_len)
-        print(f"features: {manifest['tokens']} tokens from {manifest['records']} {spec} records in {feats}", file=sys.stderr)
-        seqs += train_head.load_sequences(feats)
-        feature_tokens += manifest["tokens"]
-    del target
-    out = Path(args.out)
-    head = train_head.build_head(args.model, Path(target_dir), args.layers, args.fusion, not args.no_init_from_target)
-    if args.draft_vocab:
-        head.set_draft_vocab(train_head.frequent_vocab(seqs, args.draft_vocab, head.lm_head.out_features))
-    cfg = train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
-                                 ckpt_every=args.eval_every, autocast=not args.no_autocast)
-    meta = train_head.train(head, seqs, out, cfg, resolve_device(args.device),
-                            {"target": args.model, "data": args.data, "feature_tokens": feature_tokens,
-                             "extract_dtype": str(dtype), "init_from_target": not args.no_init_from_target,
-                             "command": "dovetail " + " ".join(sys.argv[1:])})
-    last = meta["history"][-1]
-    print(json.dumps({"out": str(out), "steps": meta["steps"], "train_tokens_per_epoch": meta["train_tokens_per_epoch"],
-                      "heldout_top1": last["heldout_top1"], "loss": last["loss"], "wall_s": round(meta["wall_s"], 1),
-                      "torch_threads": torch.get_num_threads()}))
+    job = train_head.HeadJob(
+        model=args.model, data=[s.strip() for s in args.data.split(",") if s.strip()], out=Path(args.out),
+        layers=args.layers, fusion=args.fusion, max_tokens=[int(float(t)) for t in str(args.max_tokens).split(",")],
+        max_len=args.max_len, draft_vocab=args.draft_vocab, init_from_target=not args.no_init_from_target,
+        device=args.device, extract_dtype=args.extract_dtype, command="dovetail " + " ".join(sys.argv[1:]),
+        train=train_head.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
+                                     ckpt_every=args.eval_every, autocast=not args.no_autocast))
+    print(json.dumps(train_head.run(job, dovetail_home())))
     return 0
 
 

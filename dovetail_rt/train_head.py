@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -286,3 +286,58 @@ def build_head(target_spec: str, target_dir: Path, layers: int, fusion: str, ini
 def _layer_keys(head: DraftHead) -> list[str]:
     return sorted({k.split(".", 2)[2] for k in head.trunk.state_dict() if k.startswith("layers.")})
 
+
+
+# ---- the whole pipeline (`dovetail train-head`) ------------------------------------------------------
+@dataclass(frozen=True)
+class HeadJob:
+    """One `dovetail train-head` run: extract target features per corpus, then train a head."""
+
+    model: str  # the target spec (its embedding and lm_head are the head's)
+    data: list[str]  # corpora: sharegpt, python, FILE.jsonl
+    out: Path  # head folder (resumes if present)
+    layers: int = 1
+    fusion: str = "dgf"
+    max_tokens: list[int] = field(default_factory=lambda: [200_000])  # one budget, or one per corpus
+    max_len: int = 1024
+    draft_vocab: int = 32768
+    init_from_target: bool = True
+    device: str = "auto"
+    extract_dtype: str = "auto"
+    command: str = ""
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        if len(self.max_tokens) not in (1, len(self.data)):
+            raise ValueError(f"--max-tokens has {len(self.max_tokens)} values for {len(self.data)} --data corpora: "
+                             "give one, or one each")
+
+
+def run(job: HeadJob, home: Path) -> dict:
+    """Extract (cached, resumable) and train; returns the summary the CLI prints."""
+    from . import lm, store
+    from .client import resolve_device
+    from .lm_torch import resolve_dtype
+
+    target_dir, _ = store.resolve(job.model, home)
+    dtype = resolve_dtype(job.extract_dtype)
+    budgets = job.max_tokens * len(job.data) if len(job.max_tokens) == 1 else job.max_tokens
+    target = lm.open_lm(job.model, home, "torch", dtype=job.extract_dtype)
+    seqs, feature_tokens = [], 0
+    for spec, budget in zip(job.data, budgets):  # each corpus has its own feature cache
+        feats = feature_dir(home, job.model, spec, str(dtype), job.max_len)
+        manifest = extract(target, target.tokenizer, spec, feats, budget, job.max_len)
+        log.info("features: %d tokens from %d %s records in %s", manifest["tokens"], manifest["records"], spec, feats)
+        seqs += load_sequences(feats)
+        feature_tokens += manifest["tokens"]
+    del target
+    head = build_head(job.model, Path(target_dir), job.layers, job.fusion, job.init_from_target)
+    if job.draft_vocab:
+        head.set_draft_vocab(frequent_vocab(seqs, job.draft_vocab, head.lm_head.out_features))
+    meta = train(head, seqs, job.out, job.train, resolve_device(job.device),
+                 {"target": job.model, "data": ",".join(job.data), "feature_tokens": feature_tokens,
+                  "extract_dtype": str(dtype), "init_from_target": job.init_from_target, "command": job.command})
+    last = meta["history"][-1]
+    return {"out": str(job.out), "steps": meta["steps"], "train_tokens_per_epoch": meta["train_tokens_per_epoch"],
+            "heldout_top1": last["heldout_top1"], "loss": last["loss"], "wall_s": round(meta["wall_s"], 1),
+            "torch_threads": torch.get_num_threads()}

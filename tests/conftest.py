@@ -75,3 +75,18 @@ def verifier(tiny_dir):
     v = VerifierProcess(tiny_dir)
     yield v
     v.stop()
+
+
+def engine_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """An opened ``lm.LM``'s own greedy decode, one token per forward: on llama.cpp, what llama.cpp's
+    own loop does with the same file (the reference every speculative output must equal)."""
+    s = model.session()
+    logits = s.forward(prompt, logits_for=1).logits[-1]
+    s.keep(list(range(len(prompt))))
+    out = []
+    while len(out) < n:
+        out.append(int(logits.argmax()))
+        logits = s.forward(out[-1:]).logits[-1]
+        s.keep([0])
+    s.close()
+    return out

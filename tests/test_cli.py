@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, noisy_copy, save_model, tiny_target, tiny_tokenizer
+from conftest import ROOT, noisy_copy, save_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dovetail_rt.config import DraftConfig
 from dovetail_rt.lm_torch import open_model as open_torch
 from dovetail_rt.reference import speculative_generate
 
-from conftest import VerifierProcess, noisy_copy, tiny_target, tiny_tokenizer
+from conftest import VerifierProcess, engine_greedy as target_greedy, noisy_copy, tiny_target, tiny_tokenizer
 
 PROMPTS = [[5], [5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30))]
 # adaptive=False: fixed rules (p_min), so every case surely drafts; "chain-cost-model" lets the
@@ -48,20 +48,6 @@ def engine(request, tiny_dir, tmp_path_factory):
         model = lm.open_lm(str(path), Path("."), "llamacpp", threads=1, n_ctx=512)
     yield proc, model
     proc.stop()
-
-
-def target_greedy(model: lm.LM, prompt, n):
-    """The engine's own greedy decode, one token per forward (what llama.cpp's own loop does)."""
-    s = model.session()
-    logits = s.forward(prompt, logits_for=1).logits[-1]
-    s.keep(list(range(len(prompt))))
-    out = []
-    while len(out) < n:
-        out.append(int(logits.argmax()))
-        logits = s.forward(out[-1:]).logits[-1]
-        s.keep([0])
-    s.close()
-    return out
 
 
 @pytest.mark.timeout(300)

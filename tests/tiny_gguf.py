@@ -18,8 +18,11 @@ def _rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def write_gguf(model: LlamaForCausalLM, vocab: list[str], path, eos: int | None = None) -> Path:
     """Write ``model`` (float32) with ``vocab`` (token strings in id order) to the GGUF file ``path``.
 
-    No BOS is added. ``eos`` is the only end-of-generation token when given; with None, llama.cpp
-    sees none at all."""
+    No BOS or separator is added, id 0 is the unknown token, and ``eos`` is the only end-of-generation
+    token when given (with None, llama.cpp sees none). The vocabulary is a WordPiece ("bert") one
+    because llama.cpp gives a "llama" one EOS id 2 whatever the file says. Feed llama.cpp token ids:
+    it reads every word of a text as id 0, and tokenizing with ``add_special`` aborts the process (no
+    BOS). llama.cpp warns at load that BERT's default special ids (100..103) are out of range."""
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
@@ -41,11 +44,13 @@ def write_gguf(model: LlamaForCausalLM, vocab: list[str], path, eos: int | None 
     w.add_file_type(LlamaFileType.ALL_F32)
     w.add_vocab_size(cfg.vocab_size)
 
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model("bert")
     w.add_token_list(vocab)
     w.add_token_scores([0.0] * len(vocab))
     w.add_token_types([TokenType.UNKNOWN] + [TokenType.NORMAL] * (len(vocab) - 1))
+    w.add_unk_token_id(0)
     w.add_add_bos_token(False)
+    w.add_add_sep_token(False)
     w.add_add_eos_token(False)
     if eos is not None:
         w.add_eos_token_id(eos)

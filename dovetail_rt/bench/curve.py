@@ -117,3 +117,43 @@ def save_for_drafts(result: dict, home: Path) -> Path:
         result = {**result, "curves": {**saved.get("curves", {}), **result["curves"]}}
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+def main(model_spec: str, home: Path, engines: list[str], dtypes: list[str], out_dir: Path, plots: bool,
+         command: str) -> int:
+    """`dovetail bench --verify-curve`: measure, save for the drafts, print a table and a JSON line."""
+    import time
+
+    from . import report
+
+    result = run(model_spec, home, engines, dtypes)
+    result["command"], result["machine"] = command, report.machine_info(",".join(result["curves"]))
+    stem = time.strftime("verify-curve-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        png = out_dir / f"{stem}.png"
+        try:
+            plot(result, png, f"{model_spec} on {result['machine']['cpu']}, {result['context']}-token context")
+            result["plot"] = str(png)
+        except ImportError:
+            print("no plot: matplotlib is not installed (bash launch/setup.sh --dev installs it)")
+    path = report.write(result, out_dir, stem)
+    save_for_drafts(result, home)
+    print(table(result))
+    print(f"results: {path}")
+    print(json.dumps({"results_file": str(path), "curves": result["curves"]}))
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = []
+    for key, curves in result["curves"].items():
+        qs = sorted(curves["chain"])
+        lines.append(f"{key}: ms per forward over q new tokens ({result['files'][key]}, {result['context']}-token context)")
+        lines.append("   q  " + " ".join(f"{q:>6d}" for q in qs))
+        for shape in ("chain", "tree"):
+            lines.append(f"{shape:6s}" + " ".join(f"{1000 * curves[shape][q]:6.0f}" if q in curves[shape] else "     -"
+                                                  for q in qs))
+        lines.append("T_V(q)/T_V(1): " + " ".join(f"q={q} {curves['chain'][q] / curves['chain'][1]:.2f}"
+                                                 for q in qs if q in (2, 4, 8, 16)))
+    return "\n".join(lines)

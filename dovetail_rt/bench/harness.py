@@ -60,9 +60,11 @@ def llamacpp_parts(home: Path, target: str, draft: str):
     bin_dir = home / "llama.cpp" / "build" / "bin"
     if not (bin_dir / "llama-completion").exists():
         return f"no llama.cpp build in {bin_dir}: run bash bench/build_llamacpp.sh"
-    t, d = home / "gguf" / f"{target}.gguf", home / "gguf" / f"{draft}.gguf"
-    if not t.exists() or not d.exists():
-        return f"llama.cpp needs the GGUF files {t} and {d} (installed with the default models)"
+    from .. import store
+
+    t, d = store.gguf_file(target, home), store.gguf_file(draft, home)
+    if t is None or d is None:
+        return f"llama.cpp needs GGUF files for {target} and {draft} (the installed defaults keep theirs)"
     return bin_dir, t, d
 
 
