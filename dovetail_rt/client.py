@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,21 @@ class GenerationStats:
     tok_per_s: float = 0.0
     ttft_s: float = 0.0  # time to the first generated token
     timings: Timings = field(default_factory=Timings)
+
+    def record_step(self, n_drafted: int, n_accepted: int, draft_s: float, verify_s: float, round_trip_s: float) -> None:
+        """One VERIFY step: counts, tau (bonus included) and the draft / verify / link split."""
+        self.n_steps += 1
+        self.n_drafted += n_drafted
+        self.n_accepted += n_accepted
+        self.tau = (self.n_accepted + self.n_steps) / self.n_steps
+        self.timings.draft_s += draft_s
+        self.timings.verify_s += verify_s
+        self.timings.link_s += max(0.0, round_trip_s - verify_s)
+
+    def record_time(self, seconds: float) -> None:
+        """Wall time so far (prompt in -> last token out) and the rate it gives."""
+        self.seconds = seconds
+        self.tok_per_s = self.n_generated / seconds if seconds > 0 else 0.0
 
     @property
     def accept_rate(self) -> float:
@@ -153,11 +169,31 @@ class Client:
     ) -> Generation:
         """Speculative generation; the output is exactly the target's (greedy: same tokens;
         sampling: same distribution). ``on_tokens(list[int])`` sees each accepted batch."""
+        stats, out = GenerationStats(n_prompt=len(input_ids)), []
+        for tokens in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats):
+            out += tokens
+            if on_tokens:
+                on_tokens(tokens)
+        return Generation(out, stats)
+
+    def stream(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[list[int]]:
+        """Speculative generation as a generator: yields each batch of tokens as the target accepts
+        them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs."""
         if not input_ids:
             raise ValueError("input_ids is empty: give at least one prompt token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stats = GenerationStats(n_prompt=len(input_ids))
+        stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
         eos = set(self.target.get("eos", [])) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
@@ -167,12 +203,19 @@ class Client:
         }))
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
         self.drafter.observe(Feedback(reply.tensors.get("features")))
-        committed, out = list(input_ids), []
-        done = self._emit([reply.fields["bonus"]], out, committed, max_new_tokens, eos, on_tokens)
-        while not done:
+        committed, left = list(input_ids), max_new_tokens
+        take = _until_done([reply.fields["bonus"]], left, eos)
+        while take:
+            committed += take
+            left -= len(take)
+            stats.n_generated += len(take)
+            stats.record_time(time.perf_counter() - t0)
+            yield take
+            if left == 0 or take[-1] in eos:
+                break
             # 1 draft: a chain or tree below the last committed token
             t1 = time.perf_counter()
-            draft = self.drafter.propose(committed, budget=max_new_tokens - len(out) - 1)
+            draft = self.drafter.propose(committed, budget=left - 1)
             t2 = time.perf_counter()
             # 2 send: the verifier runs root + draft in one forward and accepts losslessly
             reply = self._request(Message(MsgType.VERIFY, fields={
@@ -180,39 +223,24 @@ class Client:
             }))
             t3 = time.perf_counter()
             # 3 commit: accepted tokens + the target's bonus token
-            accepted = reply.fields["accepted"]
-            verify_s = float(reply.fields.get("verify_s", 0.0))
+            accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
             self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
-            stats.timings.draft_s += t2 - t1
-            stats.timings.verify_s += verify_s
-            stats.timings.link_s += max(0.0, t3 - t2 - verify_s)
-            stats.n_steps += 1
-            stats.n_drafted += len(draft)
-            stats.n_accepted += len(accepted)
-            done = self._emit(accepted + [reply.fields["bonus"]], out, committed, max_new_tokens, eos, on_tokens)
-        stats.seconds = time.perf_counter() - t0
-        stats.n_generated = len(out)
-        stats.tau = (stats.n_accepted + stats.n_steps) / stats.n_steps if stats.n_steps else 1.0
-        stats.tok_per_s = stats.n_generated / stats.seconds if stats.seconds > 0 else 0.0
-        return Generation(out, stats)
-
-    @staticmethod
-    def _emit(new: list[int], out: list[int], committed: list[int], limit: int, eos: set, on_tokens) -> bool:
-        """Append new tokens up to the limit or an end-of-sequence token; True when finished."""
-        take = []
-        for tok in new:
-            take.append(tok)
-            if tok in eos or len(out) + len(take) >= limit:
-                break
-        out.extend(take)
-        committed.extend(take)
-        if on_tokens and take:
-            on_tokens(take)
-        return len(take) < len(new) or len(out) >= limit or (bool(take) and take[-1] in eos)
+            stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2)
+            take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
 
     # ---- text convenience ---------------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat)
+
+
+def _until_done(new: list[int], left: int, eos: set) -> list[int]:
+    """The new tokens up to the budget left or the first end-of-sequence token, included."""
+    take = []
+    for tok in new[:left]:
+        take.append(tok)
+        if tok in eos:
+            break
+    return take
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:

@@ -63,18 +63,28 @@ def _init_backend(numa: bool) -> None:
         _backend_ready = True
 
 
-def weight_format(path: Path) -> str:
-    """"Q4_K_M", "Q4_0", "BF16", ... from the file's ``general.file_type``."""
+def format_name(file_type: int | None) -> str:
+    """"Q4_K_M", "Q4_0", "BF16", ... for a GGUF ``general.file_type``."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    field = reader.get_field("general.file_type")
-    if field is None:
-        return "unknown"
     try:
-        return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
-    except ValueError:
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
         return "unknown"
+
+
+def weight_format(path: Path) -> str:
+    """The weight format of a GGUF file on disk (reads its metadata; an opened model asks llama.cpp)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field("general.file_type")
+    return format_name(None if field is None else field.parts[field.data[0]][0])
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = _llama().llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode() if n >= 0 else None
 
 
 _FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -128,20 +138,16 @@ class LlamaCppLM:
         self.n_ctx = min(n_ctx, L.llama_model_n_ctx_train(self.model))
         self.n_batch, self.n_seq = n_batch, max(2, min(max_tree + 1, 256))
         self.info = ModelInfo(
-            name=name, engine="llamacpp", path=str(path), weight_format=weight_format(path),
+            name=name, engine="llamacpp", path=str(path), weight_format=format_name(_meta(self.model, "general.file_type")),
             vocab=self._vocab_strings(n_vocab), vocab_size=n_vocab, hidden_size=L.llama_model_n_embd(self.model),
             eos=[i for i in range(n_vocab) if L.llama_vocab_is_eog(self.vocab_p, i)], max_positions=self.n_ctx,
         )
 
     def _vocab_strings(self, n_vocab: int) -> list[str]:
-        """Token texts in id order, without the unused padding rows past the tokenizer's last token
-        (Qwen2's GGUF pads 151,665 tokens to 151,936): the handshake compares them with the draft's."""
+        """Token texts in id order, padding rows included (Qwen2's GGUF pads 151,665 tokens to 151,936
+        with "[PAD151665]"...; the installed tokenizer, converted from the same file, has them too)."""
         L = _llama()
-        texts = [(L.llama_vocab_get_text(self.vocab_p, i) or b"").decode("utf-8", errors="replace") for i in range(n_vocab)]
-        end = n_vocab
-        while end > 0 and L.llama_vocab_get_attr(self.vocab_p, end - 1) & L.LLAMA_TOKEN_ATTR_UNUSED:
-            end -= 1
-        return texts[:end]
+        return [(L.llama_vocab_get_text(self.vocab_p, i) or b"").decode("utf-8", errors="replace") for i in range(n_vocab)]
 
     def session(self, features: bool = False) -> "LlamaCppSession":
         return LlamaCppSession(self, features)

@@ -217,13 +217,19 @@ def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:
     for i, (d, t) in enumerate(zip(draft, target)):
         if d != t:
             return f"draft and target tokenizers differ at id {i}: {d!r} (draft) vs {t!r} (target)"
-    if len(draft) != len(target):
+    longer = draft if len(draft) > len(target) else target
+    if len(draft) != len(target) and not all(_is_padding(t) for t in longer[min(len(draft), len(target)):]):
         i = min(len(draft), len(target))
         extra = draft[i] if len(draft) > i else target[i]
         side = "draft" if len(draft) > i else "target"
         return (f"draft and target tokenizers differ at id {i}: only the {side} has it ({extra!r}); "
                 f"sizes {len(draft)} (draft) vs {len(target)} (target)")
     return None
+
+
+def _is_padding(token: str) -> bool:
+    """Rows past a tokenizer's end that a model file pads its vocabulary with ("[PAD151665]", or none)."""
+    return token == "" or (token.startswith("[PAD") and token.endswith("]") and token[4:-1].isdigit())
 
 
 def curve_key(info: lm.ModelInfo) -> str:

@@ -28,6 +28,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     target = lm.open_lm(config.model, config.home, config.engine, dtype=config.dtype, threads=where.threads,
                         n_ctx=config.n_ctx, max_tree=config.max_draft_tokens + 1, numa=where.multi_node)
     info = target.info
+    if info.engine != "torch":  # torch only samples here: keep its thread pool from spinning against llama.cpp's
+        torch.set_num_threads(1)
     curve = load_verify_curve(config.home, config.model, curve_key(info))
     verifier = Verifier(target, config, verify_curve=curve)
     sock, endpoint = open_socket(config)

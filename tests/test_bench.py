@@ -38,12 +38,15 @@ def test_bench_runs_on_tiny_models(tmp_path, tiny_dir):
         assert summary[name]["prompts"] == 3
     # greedy and float32: every system reproduces the target's tokens
     assert summary["dovetail-chain"]["identical_pct"] == 100 and summary["hf"]["identical_pct"] == 100
-    assert all(summary[t]["tau"] >= 1.0 and summary[t]["identical_pct"] == 100 for t in trees)
+    assert all(summary[t]["identical_pct"] == 100 for t in trees)
+    # fixed shapes always draft, and a 0.3-noise copy of the target agrees with it often
+    assert all(summary[t]["tau"] > 1.0 and summary[t]["accept_pct"] > 0 for t in trees if t.endswith("-fixed"))
     assert any("speedup" in line for line in lines)
     written = json.loads(open(json.loads(lines[-1])["results_file"]).read())
     assert written["machine"]["target_dtype"] == "float32" and len(written["plots"]) == 3  # speedup, tok/s, the tree-size sweep
-    assert written["rows"]["dovetail-tree-t8d3k2-fixed"] == {"draft": str(draft_dir), "top_k": 2, "depth": 3,
-                                                             "tree_tokens": 8, "cost_model": False}
+    assert written["rows"]["dovetail-tree-t8d3k2-fixed"] == {"draft": str(draft_dir), "engine": "torch", "top_k": 2,
+                                                             "depth": 3, "tree_tokens": 8, "cost_model": False}
+    assert written["engines"]["torch"]["format"] == "float32"
     assert all(os.path.exists(p) for p in written["plots"])
 
 

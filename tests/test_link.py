@@ -85,6 +85,16 @@ def test_tokenizer_mismatch_refused_naming_the_token(verifier):
     assert "at id 1" in str(err.value) and "'x1'" in str(err.value) and "'w1'" in str(err.value)
 
 
+def test_tokenizer_check_tolerates_vocabulary_padding_only():
+    """A GGUF pads its vocabulary past the tokenizer's end ("[PAD151665]" rows); a real extra token is refused."""
+    from dovetail_rt.verifier import tokenizer_mismatch
+
+    base = ["a", "b", "<|im_end|>"]
+    assert tokenizer_mismatch(base, base + ["[PAD3]", "[PAD4]"]) is None
+    assert tokenizer_mismatch(base + ["", "[PAD4]"], base) is None
+    assert "only the target has it ('<|extra|>')" in tokenizer_mismatch(base, base + ["<|extra|>"])
+
+
 @pytest.mark.timeout(60)
 def test_version_mismatch_refused(verifier, peer):
     reply = peer.ask([bytes([MsgType.HELLO]), msgpack.packb([protocol.PROTOCOL_VERSION + 1, 1, {}])])
@@ -94,16 +104,26 @@ def test_version_mismatch_refused(verifier, peer):
 
 @pytest.mark.timeout(60)
 def test_sessions_are_isolated(verifier):
-    """Two clients interleave on one verifier; each gets its own correct output."""
+    """Two clients whose steps alternate on one verifier (A's step, B's step, ...) each get the output
+    they get alone: one session's KV cache never sees the other's tokens."""
     target = tiny_target(0, sharpen=30)
     a = Client(verifier=verifier.endpoint, draft=noisy_copy(target, 0.3), tokenizer=tiny_tokenizer(), timeout_s=30)
     b = Client(verifier=verifier.endpoint, draft=noisy_copy(target, 0.3, seed=5), tokenizer=tiny_tokenizer(), timeout_s=30)
     with a, b:
         solo_a = a.generate([1, 2, 3], 20).token_ids
         solo_b = b.generate([7, 8], 20).token_ids
-        # interleave requests step by step through the two sessions
-        assert a.generate([1, 2, 3], 20).token_ids == solo_a
-        assert b.generate([7, 8], 20).token_ids == solo_b
+        streams = {"a": a.stream([1, 2, 3], 20), "b": b.stream([7, 8], 20)}
+        got, turns = {"a": [], "b": []}, []
+        while streams:
+            for name in list(streams):  # one step of each session in turn
+                tokens = next(streams[name], None)
+                if tokens is None:
+                    del streams[name]
+                else:
+                    got[name] += tokens
+                    turns.append(name)
+        assert got == {"a": solo_a, "b": solo_b}
+        assert turns[:4] == ["a", "b", "a", "b"], "the two generations must really alternate step by step"
         assert a.session != b.session
 
 

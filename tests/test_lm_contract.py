@@ -170,3 +170,19 @@ def test_info_carries_the_handshake_facts(model):
     assert info.vocab == vocab_strings(tiny_tokenizer())  # the strings the draft side sends in HELLO
     assert (info.vocab_size, info.hidden_size) == (99, 32)
     assert info.trees and info.features and info.engine in lm.ENGINES
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "bf16"])
+def test_requantized_file_opens_with_its_format(gguf_path, tmp_path, fmt):
+    """`models install --format` writes other formats with llama.cpp's quantizer; the engine names them."""
+    pytest.importorskip("llama_cpp")
+    from dovetail_rt.lm_llamacpp import requantize, weight_format
+
+    out = tmp_path / f"tiny.{fmt}.gguf"
+    requantize(gguf_path, out, fmt, threads=1)
+    assert weight_format(out) == fmt.upper()
+    opened = lm.open_lm(str(out), Path("."), "llamacpp", threads=1, n_ctx=256)
+    assert opened.info.weight_format == fmt.upper()
+    logits = opened.session().forward(PROMPT).logits
+    assert torch.isfinite(logits).all() and logits.shape == (len(PROMPT), 99)
+    opened.close()
