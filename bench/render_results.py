@@ -34,8 +34,11 @@ def bench_section(res: dict, name: str) -> list[str]:
     out = [f"## {kind} ({', '.join(res['datasets'])})", "",
            f"Run `{name}`{commit}. Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
-           f"torch {m['torch']}, transformers {m['transformers']}; target dtype {m['target_dtype']}; "
-           f"greedy {res['temperature'] == 0}, {res['n_new_tokens']} new tokens per prompt.", ""]
+           f"torch {m['torch']}, transformers {m['transformers']}; "
+           + ("; ".join(f"engine {e}: {w.get('format')} weights, `{Path(w.get('file', '')).name}`"
+                        for e, w in res["engines"].items()) + f"; draft {res.get('draft')} ({res.get('draft_engine')})"
+              if res.get("engines") else f"target dtype {m['target_dtype']}")
+           + f"; greedy {res['temperature'] == 0}, {res['n_new_tokens']} new tokens per prompt.", ""]
     for name, d in res["datasets"].items():
         out += [f"### {name} ({len(d['prompts'])} prompts; identical-output reference: `{d['identical_reference']}`)", "",
                 "| system | decode tok/s median [min-max] | speedup vs target (median per prompt) | tau | accept % | TTFT s | identical % | draft / verify / link ms per step |",
@@ -51,6 +54,13 @@ def bench_section(res: dict, name: str) -> list[str]:
                        f"{sp:.2f}x | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |" if sp is not None else
                        f"| {sys_name} | {r['decode_tok_s_median']:.2f} | - | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |")
         out.append("")
+        diverged = {n: r["divergences"] for n, r in d["summary"].items() if r.get("divergences")}
+        if diverged:
+            out += ["First divergences from the row's engine decoding one token at a time (position in the output, "
+                    "our token / the reference's, the reference's top-2 logit gap there):", ""]
+            out += [f"- {n}: " + "; ".join(f"{x['prompt']} at {x['at']} ({x['ours']} / {x['reference']}, gap {x['top2_gap']:.3f})"
+                                            for x in rows) for n, rows in diverged.items()]
+            out.append("")
     for plot in res.get("plots", []):
         out.append(f"![{Path(plot).stem}]({rel(plot)})")
     return out + [""]
@@ -62,7 +72,10 @@ def curve_section(res: dict) -> list[str]:
            f"machine {res['machine']['cpu']}.", ""]
     for dtype, curves in res["curves"].items():
         qs = sorted(int(q) for q in curves["chain"])
-        out += [f"**{dtype}** (ms)", "", "| q | " + " | ".join(map(str, qs)) + " |", "|---" * (len(qs) + 1) + "|"]
+        where = f", `{Path(res['files'][dtype]).name}`" if res.get("files", {}).get(dtype) else ""
+        ratios = ", ".join(f"T_V({q})/T_V(1) = {curves['chain'][str(q)] / curves['chain']['1']:.2f}"
+                           for q in (2, 4, 8) if str(q) in curves["chain"] and "1" in curves["chain"])
+        out += [f"**{dtype}**{where} (ms; {ratios})", "", "| q | " + " | ".join(map(str, qs)) + " |", "|---" * (len(qs) + 1) + "|"]
         for shape in ("chain", "tree"):
             row = [f"{1000 * curves[shape][str(q)]:.0f}" if str(q) in curves[shape] else "-" for q in qs]
             out.append(f"| {shape} | " + " | ".join(row) + " |")

@@ -101,7 +101,7 @@ class Client:
         model, loaded_tok = open_draft(draft, home or dovetail_home(), dtype, self.device, engine)
         self.tokenizer = tokenizer or loaded_tok
         self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes)
-        self.session = None
+        self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()
         except BaseException:
@@ -141,6 +141,9 @@ class Client:
         return reply.fields
 
     def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()  # frees a draft state (a llama.cpp context); the draft model stays the caller's
+            self.drafter = None
         if self.session is not None:
             try:
                 self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=2.0)
@@ -188,12 +191,24 @@ class Client:
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
         """Speculative generation as a generator: yields each batch of tokens as the target accepts
-        them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs."""
+        them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs.
+        One generation at a time per Client (it owns one verifier session): starting another makes
+        the older generator raise."""
         if not input_ids:
             raise ValueError("input_ids is empty: give at least one prompt token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = min(int(self.target.get("max_positions", 1 << 30)), self.drafter.max_positions)
+        if len(input_ids) + max_new_tokens > limit:
+            raise ValueError(f"{len(input_ids)} prompt + {max_new_tokens} new tokens pass the context of {limit} tokens "
+                             "(the verifier's --ctx-size, or the draft's): ask for fewer tokens or a larger context")
+        self._generation += 1
         stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
+        return self._steps(list(input_ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
+                           self._generation)
+
+    def _steps(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
+               generation: int) -> Iterator[list[int]]:
         eos = set(self.target.get("eos", [])) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
@@ -213,6 +228,8 @@ class Client:
             yield take
             if left == 0 or take[-1] in eos:
                 break
+            if generation != self._generation:
+                raise RuntimeError("another generation started on this Client: one at a time per Client (session)")
             # 1 draft: a chain or tree below the last committed token
             t1 = time.perf_counter()
             draft = self.drafter.propose(committed, budget=left - 1)

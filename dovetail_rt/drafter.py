@@ -56,6 +56,10 @@ class NoDraft:
     """Proposes nothing: every step is one plain target decode step."""
 
     wants_features = False
+    max_positions = 1 << 30
+
+    def close(self) -> None:
+        pass
 
     def reset(self) -> None:
         pass
@@ -85,8 +89,12 @@ class DraftLM:
         self.lm, self.config = model, config
         self.cost = CostModel(verify_curve)
         self.last_predicted: list[float] = []  # the last draft's own chances per depth
+        self.max_positions = model.info.max_positions
         self.state = model.session()
         self.reset()
+
+    def close(self) -> None:
+        self.state.close()
 
     def reset(self) -> None:
         self.state.truncate(0)
@@ -152,7 +160,7 @@ class DraftLM:
 
         def expand(nodes, tokens, parents, depths) -> torch.Tensor:
             first = len(slot)
-            pending_parents = [slot.get(parents[n], -1) for n in nodes]
+            pending_parents = [-1 if parents[n] == 0 else slot[parents[n]] for n in nodes]  # 0: the root, committed
             out = self.state.forward([tokens[n] for n in nodes], pending_parents)
             slot.update({n: first + i for i, n in enumerate(nodes)})
             return out.logits.float().log_softmax(-1)  # [len(nodes), vocab]
@@ -223,6 +231,11 @@ class HeadDrafter:
     """
 
     wants_features = True
+
+    max_positions = 1 << 30  # the head's cache grows with the committed pairs; the target's context limits
+
+    def close(self) -> None:
+        self.cache = None
 
     def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
         self.head, self.config = head, config

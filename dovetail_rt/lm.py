@@ -22,6 +22,7 @@ earlier forward's node). No engine module is imported here until it is asked for
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -127,6 +128,15 @@ def resolve_parents(parents: list[int] | None, n_new: int, n_pending: int, last_
         if not -1 <= p < n_pending + i:
             raise ValueError(f"node {i}: parent {p} is not -1 or an earlier pending node (< {n_pending + i})")
     return list(parents)
+
+
+def check_rows(logits_for: int | None, n_new: int) -> int:
+    """How many of the last rows get logits (``None``: all of them), validated."""
+    if logits_for is None:
+        return n_new
+    if not 0 <= logits_for <= n_new:
+        raise ValueError(f"logits_for={logits_for}: a forward of {n_new} tokens has 0..{n_new} rows")
+    return logits_for
 
 
 def check_path(path: list[int], parents: list[int]) -> None:

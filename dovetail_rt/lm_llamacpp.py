@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def requantize(src: Path, dst: Path, fmt: str, threads: int | None = None) -> No
         raise RuntimeError(f"llama.cpp could not write {fmt} from {src} (code {rc}); is the disk full?")
 
 
-def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4096, n_batch: int = 512,
+def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4096, n_batch: int = 256,
                max_tree: int = 64, numa: bool = False, **_ignored) -> "LlamaCppLM":
     """Open the GGUF behind ``spec`` (a .gguf path or an installed default, see ``store.gguf_file``)."""
     path = store.gguf_file(spec, home)
@@ -137,6 +138,7 @@ class LlamaCppLM:
         self.threads = threads or len(os.sched_getaffinity(0))
         self.n_ctx = min(n_ctx, L.llama_model_n_ctx_train(self.model))
         self.n_batch, self.n_seq = n_batch, max(2, min(max_tree + 1, 256))
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
         self.info = ModelInfo(
             name=name, engine="llamacpp", path=str(path), weight_format=format_name(_meta(self.model, "general.file_type")),
             vocab=self._vocab_strings(n_vocab), vocab_size=n_vocab, hidden_size=L.llama_model_n_embd(self.model),
@@ -150,9 +152,14 @@ class LlamaCppLM:
         return [(L.llama_vocab_get_text(self.vocab_p, i) or b"").decode("utf-8", errors="replace") for i in range(n_vocab)]
 
     def session(self, features: bool = False) -> "LlamaCppSession":
-        return LlamaCppSession(self, features)
+        session = LlamaCppSession(self, features)
+        self.sessions.add(session)
+        return session
 
     def close(self) -> None:
+        """Free the model; its sessions' contexts first (they point into it)."""
+        for session in list(self.sessions):
+            session.close()
         if self.model:
             _llama().llama_model_free(self.model)
             self.model = None
@@ -184,24 +191,40 @@ class LlamaCppSession:
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         n_pending = len(self.pending)
         new = lm.resolve_parents(parents, len(tokens), n_pending, n_pending - 1)
+        rows = lm.check_rows(logits_for, len(tokens))
         every = self.pending + new
         depth = tree.pool_depths(every)
-        if self.length + max(depth, default=0) + 1 > self.owner.n_ctx:
-            raise ValueError(f"the sequence would pass this session's context of {self.owner.n_ctx} tokens")
-        rows = len(tokens) if logits_for is None else logits_for
-        if self.linear and every == list(range(-1, len(every) - 1)):
-            logits, feats = self._forward_chain(tokens, self.length + n_pending, rows)
-        else:
-            if self.linear:
-                self._branch_out()
-            if len(every) >= self.owner.n_seq:
-                raise ValueError(f"a tree of {len(every)} pending nodes: this engine holds at most {self.owner.n_seq - 1} "
-                                 "(raise max_tree when opening the model)")
-            if len(tokens) > self.owner.n_batch:
-                raise ValueError(f"a tree of {len(tokens)} nodes is larger than the batch ({self.owner.n_batch})")
-            logits, feats = self._forward_tree(tokens, every, n_pending, depth, rows)
+        chain = self.linear and every == list(range(-1, len(every) - 1))
+        # every check before the cache changes: a refused forward leaves the state as it was
+        if self.length + len(every) > self.owner.n_ctx:
+            raise ValueError(f"{self.length} committed + {len(every)} pending tokens would pass this session's "
+                             f"context of {self.owner.n_ctx} tokens")
+        if not chain and len(every) >= self.owner.n_seq:
+            raise ValueError(f"a tree of {len(every)} pending nodes: this engine holds at most {self.owner.n_seq - 1} "
+                             "(raise max_tree when opening the model)")
+        if not chain and len(tokens) > self.owner.n_batch:
+            raise ValueError(f"a tree of {len(tokens)} nodes is larger than the batch ({self.owner.n_batch})")
+        try:
+            if chain:
+                logits, feats = self._forward_chain(tokens, self.length + n_pending, rows)
+            else:
+                if self.linear:
+                    self._branch_out()
+                logits, feats = self._forward_tree(tokens, every, n_pending, depth, rows)
+        except Exception:
+            self._forget(n_pending, len(every))
+            raise
         self.pending = every
         return Output(logits, feats)
+
+    def _forget(self, first: int, end: int) -> None:
+        """Undo a failed forward: drop what it wrote (pending nodes first..end-1) from the cache."""
+        L = self.L
+        if self.linear:
+            L.llama_memory_seq_rm(self.mem, 0, self.length + first, -1)
+        else:
+            for k in range(first, end):
+                L.llama_memory_seq_rm(self.mem, 1 + k, -1, -1)
 
     def keep(self, path: list[int]) -> None:
         lm.check_path(path, self.pending)

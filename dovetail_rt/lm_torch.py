@@ -105,7 +105,7 @@ class TorchLM:
         )
 
     def session(self, features: bool = False) -> "TorchSession":
-        return TorchSession(self.model)
+        return TorchSession(self.model, features)
 
     def close(self) -> None:
         pass
@@ -114,8 +114,8 @@ class TorchLM:
 class TorchSession:
     """Committed tokens then pending nodes in one ``DynamicCache``."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, features: bool = False):
+        self.model, self.features = model, features
         self.cache = DynamicCache(config=model.config)
         self.length = 0  # committed tokens (the first cache entries)
         self.pending: list[int] = []  # parent of each pending node (a pending index, -1 = committed)
@@ -123,6 +123,7 @@ class TorchSession:
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         n_pending = len(self.pending)
         new = lm.resolve_parents(parents, len(tokens), n_pending, n_pending - 1)
+        logits_for = lm.check_rows(logits_for, len(tokens))
         every = self.pending + new
         depth = tree.pool_depths(every)
         positions = [self.length + d for d in depth[n_pending:]]
@@ -135,7 +136,7 @@ class TorchSession:
             crop_cache(self.cache, self.length + n_pending)
             raise
         self.pending = every
-        return Output(logits.float(), hidden)
+        return Output(logits.float(), hidden if self.features else None)
 
     def keep(self, path: list[int]) -> None:
         lm.check_path(path, self.pending)

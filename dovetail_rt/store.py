@@ -142,7 +142,8 @@ def installed_formats(spec: str, home: Path) -> list[str]:
     """``spec`` itself (when it has a GGUF) and every format made from it: ``name:q4_0``, ..."""
     name, _ = split_format(spec)
     found = [spec] if gguf_file(spec, home) is not None else []
-    return found + [f"{name}:{fmt}" for fmt in FORMATS if name in RELEASES and format_path(home, name, fmt).is_file()]
+    made = [f"{name}:{fmt}" for fmt in FORMATS if name in RELEASES and format_path(home, name, fmt).is_file()]
+    return found + [m for m in made if m != spec]
 
 
 def make_format(home: Path, name: str, fmt: str) -> Path:

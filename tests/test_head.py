@@ -8,7 +8,8 @@ from dovetail_rt import Client, tree
 from dovetail_rt.config import DraftConfig
 from dovetail_rt.draft_head import DraftHead, HeadConfig, is_head_folder, load_head, save_head, shared_weights
 
-from test_greedy import PROMPTS, target_greedy
+from conftest import engine_greedy
+from test_greedy import PROMPTS
 
 
 def make_head(target_dir, layers=1, fusion="dgf", seed=0):
@@ -20,6 +21,14 @@ def make_head(target_dir, layers=1, fusion="dgf", seed=0):
 @pytest.fixture(scope="module")
 def target(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def target_greedy(target, prompt, n):
+    from pathlib import Path
+
+    from dovetail_rt.lm_torch import open_model
+
+    return engine_greedy(open_model("tiny", Path("."), model=target), prompt, n)
 
 
 @pytest.mark.parametrize("fusion", ["dgf", "fc"])
@@ -104,6 +113,24 @@ def test_greedy_with_head_equals_target(verifier, target, tiny_dir, name):
                 assert any(t % 2 for t in out.token_ids), "the target's odd tokens still come out"
 
 
+@pytest.mark.timeout(120)
+def test_head_sees_exactly_the_targets_features(verifier, target, tiny_dir):
+    """Known answer: after a generation the head holds the target's last-layer features of every
+    committed token but the last (prompt included), as float16, in order."""
+    from dovetail_rt.lm_torch import forward
+
+    head = make_head(tiny_dir, layers=1).eval()
+    cfg = DraftConfig(tree_top_k=3, tree_depth=3, tree_tokens=6, adaptive=False)
+    with Client(verifier=verifier.endpoint, draft=head, draft_config=cfg, timeout_s=30) as client:
+        prompt = PROMPTS[2]
+        out = client.generate(prompt, max_new_tokens=20)
+        seen = client.drafter.features.float()  # [n, d]
+    committed = prompt + out.token_ids
+    _, hidden = forward(target, None, committed, list(range(len(committed))), logits_for=0)
+    assert seen.shape[0] >= len(committed) - 2  # every step's root + accepted positions
+    torch.testing.assert_close(seen, hidden[: seen.shape[0]].to(torch.float16).float(), atol=2e-3, rtol=0)
+
+
 @pytest.mark.timeout(300)
 def test_head_trains_beyond_chance(tmp_path, tiny_dir, target):
     """On text the target itself wrote, a 1-layer DGF head learns to predict the target's next token.
@@ -120,10 +147,15 @@ def test_head_trains_beyond_chance(tmp_path, tiny_dir, target):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": " ".join(f"w{int(t)}" for t in s if t > 0)}) for s in seqs))
     feats = tmp_path / "features"
-    manifest = train_head.extract(target, tiny_tokenizer(), str(corpus), feats, max_tokens=10**6, shard_tokens=1000)
+    from pathlib import Path
+
+    from dovetail_rt.lm_torch import open_model
+
+    target_lm = open_model("tiny", Path("."), model=target)  # extraction runs through the model seam
+    manifest = train_head.extract(target_lm, tiny_tokenizer(), str(corpus), feats, max_tokens=10**6, shard_tokens=1000)
     assert manifest["records"] == 80 and len(manifest["shards"]) > 1
     # resumable: a second call finds everything done
-    assert train_head.extract(target, tiny_tokenizer(), str(corpus), feats, max_tokens=10**6)["tokens"] == manifest["tokens"]
+    assert train_head.extract(target_lm, tiny_tokenizer(), str(corpus), feats, max_tokens=10**6)["tokens"] == manifest["tokens"]
     head = train_head.build_head(str(tiny_dir), tiny_dir, layers=1, fusion="dgf", init_from_target=True)
     cfg = train_head.TrainConfig(epochs=6, lr=3e-3, warmup_steps=10, eval_every=100, ckpt_every=100, heldout_frac=0.1)
     before = train_head.evaluate(head, train_head.chunks(train_head.load_sequences(feats), cfg.chunk)[:8], cfg, "cpu")

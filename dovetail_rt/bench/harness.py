@@ -167,6 +167,8 @@ def run(args, home: Path) -> dict:
                     print(f"skipping {name}: {found}", file=sys.stderr)
                 else:
                     active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1))
+        for s in active:  # closed before the verifiers stop, on every exit path
+            stack.callback(s.close)
         # warm-up: one short generation each (not measured)
         for s in active:
             s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
@@ -181,8 +183,6 @@ def run(args, home: Path) -> dict:
                 add_divergences(summary, runs, references, engine_of, prompts, args.model, home, dtype_name)
             results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,
                                          "identical_reference": "each row's engine's target row (one token per step)"}
-        for s in active:
-            s.close()
     return results
 
 
@@ -197,6 +197,19 @@ def greedy_references(runs: dict, engine_of: dict[str, str], suffix: dict[str, s
         if ref in runs and ref != name:
             refs[name] = dict(enumerate(r.token_ids for r in runs[ref]))
     return refs
+
+
+def reference_logits(target: lm.LM, prompt: list[int], generated: list[int]):
+    """The logits the reference had when it chose the token after ``generated``: computed the way it
+    decoded (the prompt in one pass, then one token per forward), so the same rounding."""
+    state = target.session()
+    logits = state.forward(prompt, logits_for=1).logits[-1]
+    state.keep(list(range(len(prompt))))
+    for tok in generated:
+        logits = state.forward([tok]).logits[-1]
+        state.keep([0])
+    state.close()
+    return logits
 
 
 def add_divergences(summary: dict, runs: dict, references: dict, engine_of: dict[str, str], prompts, model: str,
@@ -215,10 +228,7 @@ def add_divergences(summary: dict, runs: dict, references: dict, engine_of: dict
             if at is None:
                 continue
             target = opened.get(engine) or opened.setdefault(engine, lm.open_lm(model, home, engine, dtype=dtype))
-            state = target.session()
-            logits = state.forward(prompts[i][1] + ref[:at], logits_for=1).logits[0]
-            state.close()
-            top = logits.topk(2).values.tolist()
+            top = reference_logits(target, prompts[i][1], ref[:at]).topk(2).values.tolist()
             found.append({"prompt": prompts[i][0], "at": at, "ours": run_.token_ids[at], "reference": ref[at],
                           "top2_gap": round(top[0] - top[1], 4)})
         if found:
