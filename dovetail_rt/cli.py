@@ -58,8 +58,8 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="what runs a small-LM draft; auto = llamacpp for a GGUF draft (or an installed default) on the "
                         "CPU, torch on CUDA and for folders")
     g.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16"],
-                   help="draft precision (auto: float16 on CUDA, int8 dynamic quantization on the CPU); "
-                        "it never changes the output, only speed and acceptance")
+                   help="torch draft precision (auto: float16 on CUDA, int8 dynamic quantization on the CPU; a llama.cpp "
+                        "draft runs its file's format); it never changes the output, only speed and acceptance")
     d = DraftConfig()
     g.add_argument("--draft-max", type=int, default=d.draft_max, help=f"most draft tokens per step (default {d.draft_max})")
     g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="torch engine's target dtype, also for hf rows")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16"],
-                   help="draft precision, the same for hf-assisted and dovetail (auto on the CPU: int8 for a draft LM, bfloat16 for a head)")
+                   help="torch draft precision (hf-assisted, torch drafts; auto on the CPU: int8 for a draft LM, bfloat16 "
+                        "for a head); a llama.cpp draft runs its file's format")
     p.add_argument("--systems", default="target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec",
                    help="comma list from target, hf, hf-assisted, dovetail, llamacpp, llamacpp-spec (default: all; "
                         "llama.cpp rows need bash bench/build_llamacpp.sh)")

@@ -171,7 +171,9 @@ class Client:
         stop_at_eos: bool = True,
     ) -> Generation:
         """Speculative generation; the output is exactly the target's (greedy: same tokens;
-        sampling: same distribution). ``on_tokens(list[int])`` sees each accepted batch."""
+        sampling: same distribution), up to the target engine's own rounding across batch sizes
+        (llama.cpp's quantized kernels: see the README's Engines section). ``on_tokens(list[int])``
+        sees each accepted batch."""
         stats, out = GenerationStats(n_prompt=len(input_ids)), []
         for tokens in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats):
             out += tokens

@@ -6,6 +6,10 @@ Every draft kind implements the same calls, so the loop in ``client.py`` never c
     observe(feedback)                         (what the last step gave: target features of the newly
                                                committed tokens, counts and timings)
     reset()                                   (a new generation starts)
+    close()                                   (free the draft's state; the model stays its opener's)
+    max_positions                             (the longest sequence the draft can hold)
+
+``open_draft`` + ``make_drafter`` below are the one place a draft kind is built from a spec.
 """
 
 from __future__ import annotations

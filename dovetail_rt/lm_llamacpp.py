@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 _init_lock = threading.Lock()
 _backend_ready = False
-_LLAMA_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
+# llama.cpp's own warnings are about the file (e.g. Qwen2's "control-looking token") and are not the
+# user's to act on: they show with `dovetail -v`; its errors always show.
+_LLAMA_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR, 5: logging.DEBUG}
 
 
 def _llama():
@@ -176,7 +178,8 @@ class LlamaCppSession:
         params.kv_unified = True  # one cell pool: a cell can belong to many sequences (the tree)
         params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.embeddings = features
-        params.pooling_type = L.LLAMA_POOLING_TYPE_NONE
+        if features:
+            params.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # one hidden state per token
         params.no_perf = True
         self.ctx = L.llama_init_from_model(owner.model, params)
         if not self.ctx:

@@ -1,10 +1,10 @@
 """The systems a bench run compares. Each generates greedily (or sampled) from token ids and
 reports what it measured; none of them knows about the others.
 
-  target       our verifier decoding one token per step (no draft), same process and dtype as dovetail
-  hf           transformers generate(), target only
-  hf-assisted  transformers generate(assistant_model=draft), the same draft model object as dovetail
-  dovetail-*   our two-process runtime, one row per draft mode
+  target       our verifier decoding one token per step (no draft), on the same engine and file as dovetail
+  hf           transformers generate(), target only (torch, --dtype)
+  hf-assisted  transformers generate(assistant_model=draft), a torch copy of the draft (int8 on the CPU)
+  dovetail-*   our two-process runtime, one row per draft mode (and per engine: ROW@ENGINE after the first)
 """
 
 from __future__ import annotations
