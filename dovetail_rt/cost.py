@@ -14,9 +14,17 @@ keep the n best nodes maximising (1 + sum_{i<=n} P(node i accepted)) / (T_grow +
 with P(node) = exp(cumulative draft log-prob) times the calibration of its depth (a chain is a
 tree whose depths are its positions).
 
+Drafting off: when even the best draft length, at the acceptance measured so far per depth, is
+expected to give fewer tokens per second than the target alone (1 / T_V(1)), ``worth_drafting``
+says no and the draft does not run at all that step: no catch-up of the draft model either, so a
+step costs what a plain target step costs (on 2 cores with a 4-bit target, verifying 2 tokens
+costs ~1.8x one and a 0.5B draft token a third of a target step: nothing pays there).
+
 Probes: the calibration learns only from drafted tokens, so a bad stretch that sends it to its
-floor would switch drafting off for good. After PROBE_EVERY steps in a row without a draft, the
-next step drafts at least one token (its cost: one draft token and one more verified position).
+floor would switch drafting off for good. After ``probe_every`` steps in a row without a draft
+(PROBE_EVERY at first, doubling after each probe that does not switch drafting back on, up to
+PROBE_MAX), the next step drafts at least one token (its cost: the draft's catch-up, one draft
+token and one more verified position).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from . import tree
 
 EMA = 0.2
 PROBE_EVERY = 16
+PROBE_MAX = 256
 
 
 class CostModel:
@@ -35,7 +44,9 @@ class CostModel:
         self.t_draft: float | None = None  # seconds per draft token
         self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
         self.accepted: list[float] = []
+        self.reached: list[float] = []  # per depth: running count of steps that drafted that deep
         self.idle_steps = 0  # steps in a row that drafted nothing
+        self.probe_every = PROBE_EVERY
 
     @property
     def knows_verify(self) -> bool:
@@ -48,7 +59,24 @@ class CostModel:
     @property
     def probing(self) -> bool:
         """Draft at least one token this step, whatever the rate says (see the module's doc)."""
-        return self.idle_steps >= PROBE_EVERY
+        return self.idle_steps >= self.probe_every
+
+    def worth_drafting(self, max_tokens: int, tree_tokens: int | None = None) -> bool:
+        """Whether any draft of up to ``max_tokens`` tokens (a chain; or a tree verified as
+        ``tree_tokens`` nodes) is expected to beat the target alone, at the acceptance measured per
+        depth; True until that is measured, and on a probe."""
+        if not self.ready or not self.reached or self.probing:
+            return True
+        alone = 1.0 / self.verify_time(1)
+        expected, depth = 1.0, 0
+        for k in range(1, max_tokens + 1):
+            if depth < len(self.reached) and self.reached[depth] > 0.5:
+                expected += self.accepted[depth] / self.reached[depth]  # P(accepted length >= k)
+                depth += 1
+            q = (tree_tokens if tree_tokens else k + 1)
+            if expected / ((k + 1) * self.t_draft + self.verify_time(q)) > alone:
+                return True
+        return False
 
     def calibration(self, depth: int) -> float:
         """accepted / predicted at this draft depth (1 = the root's children). Draft probabilities
@@ -64,16 +92,23 @@ class CostModel:
         """One verified step. ``predicted[d]``: the draft's own (uncalibrated) chances summed over
         the nodes at depth d + 1, i.e. its estimate of P(accepted length > d)."""
         q = n_drafted + 1
+        if n_drafted and self.probing:  # a probe: wait longer for the next unless drafting pays again
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+        elif n_drafted:
+            self.probe_every = PROBE_EVERY
         self.idle_steps = 0 if n_drafted else self.idle_steps + 1
         old = self.t_verify.get(q)
         self.t_verify[q] = verify_s if old is None else (1 - EMA) * old + EMA * verify_s
+        if not n_drafted and draft_s < 1e-3:  # the draft did not run (drafting off): no draft time to learn
+            return
         per_token = draft_s / (n_drafted + 1)  # one catch-up forward + one per drafted token
         self.t_draft = per_token if self.t_draft is None else (1 - EMA) * self.t_draft + EMA * per_token
         for d, p in enumerate(predicted if n_drafted else []):
             if d == len(self.predicted):
-                self.predicted.append(0.0), self.accepted.append(0.0)
+                self.predicted.append(0.0), self.accepted.append(0.0), self.reached.append(0.0)
             self.predicted[d] = (1 - EMA) * self.predicted[d] + p
             self.accepted[d] = (1 - EMA) * self.accepted[d] + (n_accepted > d)
+            self.reached[d] = (1 - EMA) * self.reached[d] + 1.0
 
     def verify_time(self, q: int) -> float:
         """Measured T_V(q), interpolated / extrapolated linearly between the known points."""

@@ -113,9 +113,11 @@ class DraftLM:
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
         started = time.perf_counter()
+        cfg = self.config
+        if budget <= 0 or (cfg.adaptive and not self.cost.worth_drafting(
+                cfg.draft_max, cfg.tree_tokens if cfg.is_tree else None)):
+            return DraftTree.chain([])  # drafting off this step: the draft does not even catch up
         logits = self._catch_up(committed)  # [vocab] after the last committed token
-        if budget <= 0:
-            return DraftTree.chain([])
         if self.config.is_tree:
             draft, self.last_predicted = size_tree(self._tree(committed, logits, budget), self.cost, self.config, started)
             return draft

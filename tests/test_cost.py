@@ -121,3 +121,29 @@ def test_a_draft_switched_off_is_probed_again():
     for _ in range(10):  # the probes land: the calibration recovers
         cost.observe(1, 1, [0.5], 0.24, 0.08)
     assert not cost.probing and cost.calibration(1) > 1.0
+
+
+def test_drafting_switches_off_where_verifying_costs_more_than_it_earns():
+    """The 4-bit curve measured here (llamacpp Q4_K_M, ms): verifying 2 tokens costs 1.8x one; with a
+    draft token at a third of a step, no chain pays even at 80 % acceptance. The BF16 file's flat
+    curve pays at the same acceptance. With drafting off the draft does not run, and probes come
+    ever more rarely while they keep failing."""
+    from dovetail_rt.cost import PROBE_EVERY
+
+    q4 = {1: 0.043, 2: 0.078, 3: 0.103, 4: 0.132, 6: 0.148, 8: 0.279, 16: 0.378}
+    bf16 = {1: 0.112, 2: 0.142, 3: 0.150, 4: 0.171, 6: 0.185, 8: 0.223, 16: 0.325}
+    for curve, pays in ((q4, False), (bf16, True)):
+        cost = CostModel(curve)
+        for _ in range(10):  # 4-token chains, 80 % of tokens accepted at each depth
+            cost.observe(4, 3, [0.9, 0.8, 0.7, 0.6], curve[4] if 4 in curve else 0.15, 5 * 0.015)
+        assert cost.worth_drafting(8) is pays
+    cost = CostModel(q4)
+    for _ in range(10):
+        cost.observe(4, 3, [0.9, 0.8, 0.7, 0.6], 0.132, 0.075)
+    probes = []
+    for step in range(200):
+        drafts = cost.worth_drafting(8)
+        probes += [step] if drafts else []
+        cost.observe(1 if drafts else 0, 0, [0.5] if drafts else [], 0.078 if drafts else 0.043, 0.03 if drafts else 0.0)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert probes[0] == PROBE_EVERY and gaps == sorted(gaps) and gaps[-1] > 2 * PROBE_EVERY
