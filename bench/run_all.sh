@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# Regenerate bench/RESULTS.md on this machine: the verification curve, the llama.cpp baseline build,
-# every system on HumanEval, MT-Bench and held-out ShareGPT side by side in one run, then the draft
-# heads' tree-size sweep against the 0.5B draft at the same tree sizes.
-#   bash bench/run_all.sh        (about 2 hours on a 2-core machine at the defaults below)
-#   LIMIT=20,20,5 N=128          prompts per dataset and new tokens for the side-by-side run
-#   SWEEP_LIMIT=2 SWEEP_N=64 TREES=4:5:4,4:5:8,4:5:16,4:5:32 HEADS=dir,dir   the sweep (skipped without heads)
+# Regenerate bench/RESULTS.md on this machine: the weight formats, their verification curves, the
+# llama.cpp baseline build, then the side-by-side runs on the llama.cpp engine (the default: the
+# installed Q4_K_M file), the same on the BF16 file, and the llama.cpp engine against today's torch
+# verifier on a few prompts; earlier runs' result files (EARLIER) are rendered after them.
+#   bash bench/run_all.sh        (about 1 hour on a 2-core machine at the defaults below)
+#   LIMIT=20,20 N=128            prompts per dataset and new tokens for the side-by-side run
+#   BF16_LIMIT=10 TORCH_LIMIT=4,4 TORCH_N=96   the BF16 run and the engine comparison
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LIMIT="${LIMIT:-20,20,5}"; N="${N:-128}"; DATASETS="${DATASETS:-humaneval,mtbench,sharegpt}"
-SWEEP_LIMIT="${SWEEP_LIMIT:-2}"; SWEEP_N="${SWEEP_N:-64}"; TREES="${TREES:-4:5:4,4:5:8,4:5:16,4:5:32}"
-HOME_DIR="${DOVETAIL_HOME:-$HOME/.cache/dovetail}"
-HEADS="${HEADS:-$(ls -d "$HOME_DIR"/heads/*/ 2>/dev/null | sed 's#/$##' | paste -sd, - || true)}"
+LIMIT="${LIMIT:-20,20}"; N="${N:-128}"; DATASETS="${DATASETS:-humaneval,mtbench}"
+BF16_LIMIT="${BF16_LIMIT:-10}"; TORCH_LIMIT="${TORCH_LIMIT:-4,4}"; TORCH_N="${TORCH_N:-96}"
 results_file() { tail -1 | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["results_file"])'; }
+bench() { .venv/bin/dovetail bench --out bench/results "$@" | tee /dev/stderr | results_file; }
 
-.venv/bin/dovetail bench --verify-curve --out bench/results
+.venv/bin/dovetail models install qwen2.5-coder-1.5b --format q4_0,bf16
+CURVE="$(.venv/bin/dovetail bench --verify-curve --engine llamacpp,torch --out bench/results | tee /dev/stderr | results_file)"
 bash bench/build_llamacpp.sh
-FILES=("$(.venv/bin/dovetail bench --dataset "$DATASETS" --limit "$LIMIT" -n "$N" --out bench/results | tee /dev/stderr | results_file)")
-if [[ -n "$HEADS" ]]; then
-  FILES+=("$(.venv/bin/dovetail bench --systems target,dovetail --dataset "$DATASETS" --limit "$SWEEP_LIMIT" -n "$SWEEP_N" \
-             --head "$HEADS" --trees "$TREES" --cost-model off --out bench/results | tee /dev/stderr | results_file)")
-fi
+FILES=("$(bench --dataset "$DATASETS" --limit "$LIMIT" -n "$N" --systems target,dovetail,llamacpp,llamacpp-spec)")
+FILES+=("$(bench -m qwen2.5-coder-1.5b:bf16 --dataset humaneval --limit "$BF16_LIMIT" -n "$N" \
+           --systems target,dovetail,llamacpp,llamacpp-spec)")
+FILES+=("$(bench --engine llamacpp,torch --systems target,dovetail --dataset "$DATASETS" --limit "$TORCH_LIMIT" -n "$TORCH_N")")
 NOTES=(); [[ -f bench/NOTES.md ]] && NOTES=(--notes bench/NOTES.md)
-.venv/bin/python bench/render_results.py --bench "${FILES[@]}" "${NOTES[@]}" > bench/RESULTS.md
+# shellcheck disable=SC2086
+.venv/bin/python bench/render_results.py --bench "${FILES[@]}" ${EARLIER:-} --curve "$CURVE" "${NOTES[@]}" > bench/RESULTS.md
 echo "wrote bench/RESULTS.md"

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndovetail: interrupted", file=sys.stderr)
         return 130
-    except (store.ModelNotFound, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing model, data package or file; a bad option
         print(f"dovetail: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # LinkError, VerifierError and friends

@@ -101,14 +101,21 @@ class DraftLM:
         self.state.close()
 
     def reset(self) -> None:
+        self.catch_up = (0.0, 0)  # the last catch-up's seconds and tokens
         self.state.truncate(0)
         self.cached: list[int] = []  # committed tokens in the state
         self.drafted: list[int] = []  # the pending chain after them (the last draft)
 
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
+            # A long catch-up (the prompt, or many tokens after drafting was off) is not what the next
+            # draft token costs: count it as the usual two-token catch-up, or T_D would switch drafting
+            # off for good on the first step.
+            caught_s, caught_n = self.catch_up
+            draft_s = feedback.draft_s - caught_s * (1 - min(2, caught_n) / max(caught_n, 1))
             self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s)
+                              feedback.verify_s, max(draft_s, 0.0))
+        self.catch_up = (0.0, 0)
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
@@ -130,7 +137,9 @@ class DraftLM:
             self.state.keep(list(range(n - len(self.cached))))
         self.state.truncate(n)
         new = committed[n:]
+        t0 = time.perf_counter()
         out = self.state.forward(new, logits_for=1)
+        self.catch_up = (time.perf_counter() - t0, len(new))  # seconds, tokens run
         self.state.keep(list(range(len(new))))
         self.cached, self.drafted = list(committed), []
         return out.logits[-1]

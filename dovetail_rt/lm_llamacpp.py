@@ -71,7 +71,7 @@ def format_name(file_type: int | None) -> str:
     import gguf
 
     try:
-        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (TypeError, ValueError):
         return "unknown"
 

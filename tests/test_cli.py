@@ -101,3 +101,25 @@ def test_help_teaches():
     assert res.returncode == 0 and "examples:" in res.stdout and "dovetail run" in res.stdout
     res = dovetail("generate", "--help")
     assert "--draft-p-min" in res.stdout and "--verifier" in res.stdout
+
+
+@pytest.mark.timeout(180)
+def test_run_picks_the_llamacpp_engine_for_a_gguf_target(pair, tmp_path):
+    """`--engine auto`: a .gguf target runs on llama.cpp (the start-up lines and the stats say so), a
+    model folder on torch; both give the same greedy text for these float32 weights."""
+    pytest.importorskip("llama_cpp")
+    from tiny_gguf import write_gguf
+
+    from conftest import tiny_target
+
+    target_dir, draft = pair
+    vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+    gguf = write_gguf(tiny_target(0, sharpen=30), vocab, tmp_path / "tiny.gguf")
+    common = ["-md", str(draft), "-t", "1", "--prompt", "w5 w7 w9", "-n", "16", "--no-cost-model"]
+    on_llama = dovetail("run", "-m", str(gguf), "--ctx-size", "256", *common)
+    assert on_llama.returncode == 0, on_llama.stderr[-2000:]
+    assert re.search(r"engine:\s+llamacpp, weights F32", on_llama.stderr)
+    assert "(llamacpp engine, F32)" in on_llama.stderr
+    on_torch = dovetail("run", "-m", str(target_dir), "--dtype", "float32", *common)
+    assert on_torch.returncode == 0 and "(torch engine, float32)" in on_torch.stderr
+    assert on_llama.stdout == on_torch.stdout

