@@ -113,8 +113,10 @@ class LlamaCppSystem:
         text = self.tokenizer.decode(ids)
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(text)
-        common = ["-m", str(self.target_gguf), "-f", f.name, "-n", str(n), "-t", str(self.threads), "--temp", str(temperature),
-                  "--seed", str(seed), "-c", "4096"]
+        # -bf, not -f: llama.cpp's -f drops the prompt's last newline (every HumanEval prompt ends with one),
+        # and --no-escape keeps a prompt's backslashes as they are
+        common = ["-m", str(self.target_gguf), "-bf", f.name, "--no-escape", "-n", str(n), "-t", str(self.threads),
+                  "--temp", str(temperature), "--seed", str(seed), "-c", "4096"]
         if self.name == "llamacpp":
             cmd = [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt", "--no-warmup"]
         else:
@@ -130,7 +132,7 @@ class LlamaCppSystem:
         if self.name == "llamacpp":
             p_ms, _ = _grab(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
             e_ms, runs = _grab(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", log)
-            out_text = proc.stdout.replace("[end of text]", "")
+            out_text = re.sub(r" ?\[end of text\]\n?$", "", proc.stdout)
             first = p_ms / 1000 + (e_ms / 1000 / runs if runs else 0.0)
             toks = self.tokenizer(out_text, add_special_tokens=False)["input_ids"][:n]
             # seconds chosen so that decode tok/s equals llama.cpp's own eval rate
