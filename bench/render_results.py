@@ -31,7 +31,8 @@ def bench_section(res: dict, name: str) -> list[str]:
     kind = ("Cost model on vs off (the same shapes, sized by the cost model or fixed)" if both else
             "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side")
     commit = f" at commit {res['commit']}" if res.get("commit") else ""
-    out = [f"## {kind} ({', '.join(res['datasets'])})", "",
+    engines = ", ".join(f"{e} {w.get('format')}" for e, w in res.get("engines", {}).items())
+    out = [f"## {kind} ({', '.join(res['datasets'])}){' on ' + engines if engines else ''}", "",
            f"Run `{name}`{commit}. Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores / {m['threads']} threads, {m['memory_gib']} GiB, ISA {' '.join(m['isa'])}; "
            f"torch {m['torch']}, transformers {m['transformers']}; "
