@@ -201,9 +201,13 @@ class Client:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         limit = min(int(self.target.get("max_positions", 1 << 30)), self.drafter.max_positions)
-        if len(input_ids) + max_new_tokens > limit:
-            raise ValueError(f"{len(input_ids)} prompt + {max_new_tokens} new tokens pass the context of {limit} tokens "
-                             "(the verifier's --ctx-size, or the draft's): ask for fewer tokens or a larger context")
+        if len(input_ids) >= limit:
+            raise ValueError(f"the prompt has {len(input_ids)} tokens and the context holds {limit} (the verifier's "
+                             "--ctx-size, or the draft's): shorten the prompt or start the verifier with a larger -c")
+        if len(input_ids) + max_new_tokens > limit:  # like llama.cpp: generate until the context is full
+            log.warning("%d prompt + %d new tokens pass the context of %d tokens: generating %d at most",
+                        len(input_ids), max_new_tokens, limit, limit - len(input_ids))
+            max_new_tokens = limit - len(input_ids)
         self._generation += 1
         stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
         return self._steps(list(input_ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,

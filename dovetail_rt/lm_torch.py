@@ -91,6 +91,12 @@ def open_model(spec: str, home: Path, dtype: str = "auto", device: str = "cpu", 
     return TorchLM(model, tokenizer, spec, fmt)
 
 
+def _rows(head) -> int:
+    """Output rows of an lm_head, plain or dynamically quantized (whose ``weight`` is a method)."""
+    weight = head.weight() if callable(head.weight) else head.weight
+    return weight.shape[0]
+
+
 class TorchLM:
     """One transformers model; sessions share its weights and own their caches."""
 
@@ -99,7 +105,7 @@ class TorchLM:
         cfg = model.config
         self.info = ModelInfo(
             name=name, engine="torch", path=str(getattr(cfg, "_name_or_path", name) or name), weight_format=weight_format,
-            vocab=store.vocab_strings(tokenizer), vocab_size=model.get_output_embeddings().weight.shape[0],
+            vocab=store.vocab_strings(tokenizer), vocab_size=_rows(model.get_output_embeddings()),
             hidden_size=cfg.hidden_size, eos=eos_ids(model, tokenizer),
             max_positions=getattr(cfg, "max_position_embeddings", 1 << 20),
         )

@@ -305,7 +305,7 @@ class HeadJob:
     device: str = "auto"
     extract_dtype: str = "auto"
     command: str = ""
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if len(self.max_tokens) not in (1, len(self.data)):

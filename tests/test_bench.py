@@ -75,7 +75,7 @@ def test_summary_of_a_draft_that_drafted_nothing():
 
     target = [Run([1, 2, 3], 1.0, 0.5, n_steps=2), Run([4, 5], 1.0, 0.5, n_steps=1)]
     silent = [Run([1, 2, 3], 0.75, 0.5, n_steps=2), Run([4, 5], 0.75, 0.5, n_steps=1)]
-    summary = summarize({"target": target, "dovetail-tree": silent}, "target", {0: [1, 2, 3], 1: [4, 5]})
+    summary = summarize({"target": target, "dovetail-tree": silent}, "target", {"dovetail-tree": {0: [1, 2, 3], 1: [4, 5]}})
     row = summary["dovetail-tree"]
     assert row["tau"] == 1.0 and "accept_pct" not in row
     assert row["speedup_vs_target_median"] == 2.0 and row["identical_pct"] == 100
