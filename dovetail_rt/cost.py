@@ -88,9 +88,15 @@ class CostModel:
                 c = min(max(self.accepted[d] / self.predicted[d], 0.05), 2.0)
         return c
 
-    def observe(self, n_drafted: int, n_accepted: int, predicted: list[float], verify_s: float, draft_s: float) -> None:
+    def observe(self, n_drafted: int, n_accepted: int, predicted: list[float], verify_s: float, draft_s: float,
+                catch_up: tuple[float, int] = (0.0, 0)) -> None:
         """One verified step. ``predicted[d]``: the draft's own (uncalibrated) chances summed over
-        the nodes at depth d + 1, i.e. its estimate of P(accepted length > d)."""
+        the nodes at depth d + 1, i.e. its estimate of P(accepted length > d). ``catch_up``: the
+        seconds and tokens of the draft's catch-up inside ``draft_s``; a long one (the prompt, or the
+        tokens after drafting was off) is counted as the usual two-token catch-up, since it is not what
+        the next draft token costs (counted whole, it switched drafting off for good on step one)."""
+        caught_s, caught_n = catch_up
+        draft_s = max(draft_s - caught_s * (1 - min(2, caught_n) / max(caught_n, 1)), 0.0)
         q = n_drafted + 1
         if n_drafted and self.probing:  # a probe: wait longer for the next unless drafting pays again
             self.probe_every = min(2 * self.probe_every, PROBE_MAX)

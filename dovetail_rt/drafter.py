@@ -108,13 +108,8 @@ class DraftLM:
 
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
-            # A long catch-up (the prompt, or many tokens after drafting was off) is not what the next
-            # draft token costs: count it as the usual two-token catch-up, or T_D would switch drafting
-            # off for good on the first step.
-            caught_s, caught_n = self.catch_up
-            draft_s = feedback.draft_s - caught_s * (1 - min(2, caught_n) / max(caught_n, 1))
             self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, max(draft_s, 0.0))
+                              feedback.verify_s, feedback.draft_s, self.catch_up)
         self.catch_up = (0.0, 0)
 
     @torch.inference_mode()
@@ -249,15 +244,16 @@ class HeadDrafter:
 
     max_positions = 1 << 30  # the head's cache grows with the committed pairs; the target's context limits
 
-    def close(self) -> None:
-        self.cache = None
-
     def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
         self.head, self.config = head, config
         self.cost, self.last_predicted = CostModel(verify_curve), []  # sizes the trees
         self.reset()
 
+    def close(self) -> None:
+        self.cache = None
+
     def reset(self) -> None:
+        self.catch_up = (0.0, 0)  # the last catch-up's seconds and pairs
         self.cache = self.head.new_cache()
         self.features = None  # [n, d] target features of committed[0 .. n-1]
         self.n_pairs = 0  # committed pairs in the cache
@@ -265,7 +261,8 @@ class HeadDrafter:
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
             self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s)
+                              feedback.verify_s, feedback.draft_s, self.catch_up)
+        self.catch_up = (0.0, 0)
         if feedback.features is not None:
             f = feedback.features.to(self.head.lm_head.weight.device)
             self.features = f if self.features is None else torch.cat([self.features, f])
@@ -284,8 +281,10 @@ class HeadDrafter:
         if self.features is None or self.features.shape[0] < n:
             raise RuntimeError("the verifier sent no features: the head needs them (features=True in START)")
         self.head.crop_cache(self.cache, self.n_pairs)
+        t0 = time.perf_counter()
         fhat = self._run(self.features[self.n_pairs : n], committed[self.n_pairs + 1 : n + 1],
                          list(range(self.n_pairs, n)))
+        self.catch_up = (time.perf_counter() - t0, n - self.n_pairs)
         self.n_pairs = n
         if budget <= 0:
             return DraftTree.chain([])

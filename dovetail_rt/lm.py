@@ -130,6 +130,16 @@ def resolve_parents(parents: list[int] | None, n_new: int, n_pending: int, last_
     return list(parents)
 
 
+def plan_forward(pending: list[int], n_new: int, parents: list[int] | None, logits_for: int | None
+                 ) -> tuple[list[int], list[int], int]:
+    """What every engine's ``forward`` starts with: (parents of all pending nodes after this call,
+    their depths, how many of the last rows get logits), validated before any cache changes."""
+    from .tree import pool_depths
+
+    every = pending + resolve_parents(parents, n_new, len(pending), len(pending) - 1)
+    return every, pool_depths(every), check_rows(logits_for, n_new)
+
+
 def check_rows(logits_for: int | None, n_new: int) -> int:
     """How many of the last rows get logits (``None``: all of them), validated."""
     if logits_for is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import lm, store, tree
+from . import lm, store
 from .lm import ModelInfo, Output
 
 log = logging.getLogger(__name__)
@@ -193,10 +193,7 @@ class LlamaCppSession:
     # ---- the seam -------------------------------------------------------------------------------
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         n_pending = len(self.pending)
-        new = lm.resolve_parents(parents, len(tokens), n_pending, n_pending - 1)
-        rows = lm.check_rows(logits_for, len(tokens))
-        every = self.pending + new
-        depth = tree.pool_depths(every)
+        every, depth, rows = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
         chain = self.linear and every == list(range(-1, len(every) - 1))
         # every check before the cache changes: a refused forward leaves the state as it was
         if self.length + len(every) > self.owner.n_ctx:
@@ -292,7 +289,7 @@ class LlamaCppSession:
             L.llama_memory_seq_cp(self.mem, src, 1 + k, -1, -1)
         self._decode(tokens, [self.length + depth[k] for k in range(n_pending, len(every))], seqs,
                      [i >= q - rows for i in range(q)])
-        logits = _stack([self._logits(i) for i in range(q - rows, q)], self.owner.info.vocab_size)
+        logits = _stack([self._logits(i, copy=False) for i in range(q - rows, q)], self.owner.info.vocab_size)  # one copy
         feats = torch.from_numpy(np.stack([self._embedding(i) for i in range(q)])) if self.features else None
         return logits, feats
 
@@ -315,9 +312,10 @@ class LlamaCppSession:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): the KV cache of {self.owner.n_ctx} tokens is full or a batch was refused")
 
-    def _logits(self, i: int) -> np.ndarray:
-        p = self.L.llama_get_logits_ith(self.ctx, i)
-        return np.ctypeslib.as_array(p, shape=(self.owner.info.vocab_size,)).copy()
+    def _logits(self, i: int, copy: bool = True) -> np.ndarray:
+        """Row i's logits; a view into llama.cpp's buffer (valid until the next decode) unless copied."""
+        row = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.owner.info.vocab_size,))
+        return row.copy() if copy else row
 
     def _embedding(self, i: int) -> np.ndarray:
         p = self.L.llama_get_embeddings_ith(self.ctx, i)

@@ -128,10 +128,7 @@ class TorchSession:
 
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         n_pending = len(self.pending)
-        new = lm.resolve_parents(parents, len(tokens), n_pending, n_pending - 1)
-        logits_for = lm.check_rows(logits_for, len(tokens))
-        every = self.pending + new
-        depth = tree.pool_depths(every)
+        every, depth, logits_for = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
         positions = [self.length + d for d in depth[n_pending:]]
         linear = every == list(range(-1, len(every) - 1))  # one chain after the committed tokens: causal mask
         new_nodes = list(range(n_pending, len(every)))
