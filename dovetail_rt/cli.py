@@ -51,7 +51,9 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
 def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
     g = p.add_argument_group("draft")
     g.add_argument("-md", "--model-draft", required=model_required, default=None if model_required else store.DEFAULT_DRAFT,
-                   help="draft LM with the target's tokenizer: short name, folder, .gguf or HF id"
+                   help="the draft: a small LM with the target's tokenizer (short name, folder, .gguf or HF id), a "
+                        "Dovetail head folder, 'ngram' (lookup in the prompt and output so far: no model, no CPU cost), "
+                        "or 'ngram+DRAFT' (the lookup when it pays, else DRAFT)"
                    + ("" if model_required else f" (default {store.DEFAULT_DRAFT})"))
     g.add_argument("--device-draft", default="auto", choices=["auto", "cuda", "cpu"], help="where the draft runs (auto: cuda if present)")
     g.add_argument("--draft-engine", default="auto", choices=ENGINE_CHOICES,
@@ -71,6 +73,10 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="branching of EAGLE-2 dynamic trees; 1 = chains (default: chains for a small LM, 4 for a head)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
     g.add_argument("--tree-tokens", type=int, default=d.tree_tokens, help=f"tokens per verified tree, root included (default {d.tree_tokens})")
+    g.add_argument("--lookup-min", type=int, default=d.lookup_min,
+                   help=f"ngram drafts: shortest context tail matched (default {d.lookup_min})")
+    g.add_argument("--lookup-max", type=int, default=d.lookup_max,
+                   help=f"ngram drafts: longest context tail matched; longer matches are trusted more (default {d.lookup_max})")
 
     s = p.add_argument_group("generation")
     src = s.add_mutually_exclusive_group(required=True)
@@ -91,7 +97,8 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
 def draft_config(args) -> DraftConfig:
     return DraftConfig(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min,
                        adaptive=not args.no_cost_model,
-                       tree_top_k=args.tree_top_k, tree_depth=args.tree_depth, tree_tokens=args.tree_tokens)
+                       tree_top_k=args.tree_top_k, tree_depth=args.tree_depth, tree_tokens=args.tree_tokens,
+                       lookup_min=args.lookup_min, lookup_max=args.lookup_max)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +249,8 @@ def cmd_generate(args, endpoint: str | None = None) -> int:
             "seconds": round(st.seconds, 4), "tok_per_s": round(st.tok_per_s, 3),
             "timings": {"draft_s": round(st.timings.draft_s, 4), "verify_s": round(st.timings.verify_s, 4),
                         "link_s": round(st.timings.link_s, 4), "prefill_s": round(st.timings.prefill_s, 4)},
+            "by_kind": {kind: {"steps": k.steps, "drafted": k.drafted, "accepted": k.accepted,
+                               "draft_us_per_step": round(k.draft_us_per_step, 1)} for kind, k in st.by_kind.items()},
         }))
     else:
         print(stream.flush(), flush=True)
@@ -263,6 +272,9 @@ def stats_block(st, target: dict) -> str:
         f"tau       = {st.tau:.3f}   (mean accepted length: tokens per target forward, bonus included)",
         f"per step  = draft {1000 * t.draft_s / steps:.1f} ms | verify {1000 * t.verify_s / steps:.1f} ms | "
         f"link {1000 * t.link_s / steps:.1f} ms   ({st.n_steps} steps)",
+        *(f"  {kind:<6}  {k.steps} steps: drafted {k.drafted}, accepted {k.accepted}"
+          f"{f' ({100 * k.accepted / k.drafted:.1f}%)' if k.drafted else ''}, draft {k.draft_us_per_step:.0f} us/step"
+          for kind, k in sorted(st.by_kind.items())),
     ])
 
 
@@ -271,7 +283,10 @@ def cmd_run(args) -> int:
     from .launcher import VerifierChild
 
     store.resolve(args.model, dovetail_home())  # a clear error before anything starts
-    store.resolve(args.model_draft, dovetail_home())
+    from .drafter import model_part
+
+    if model_part(args.model_draft):
+        store.resolve(model_part(args.model_draft), dovetail_home())
     extra = ["--max-sessions", str(args.max_sessions), "--engine", args.engine, "--ctx-size", str(args.ctx_size)]
     for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
         if value is not None:

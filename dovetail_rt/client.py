@@ -18,6 +18,7 @@ import torch
 from . import store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
 from .drafter import Feedback, make_drafter, open_draft
+from .ngram import Lookup
 from .protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,20 @@ class Timings:
 
 
 @dataclass
+class KindStats:
+    """One draft kind's share of a generation (``ngram+DRAFT`` mixes two)."""
+
+    steps: int = 0  # steps this kind drafted for
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+
+    @property
+    def draft_us_per_step(self) -> float:
+        return 1e6 * self.draft_s / self.steps if self.steps else 0.0
+
+
+@dataclass
 class GenerationStats:
     n_prompt: int = 0
     n_generated: int = 0
@@ -51,9 +66,16 @@ class GenerationStats:
     tok_per_s: float = 0.0
     ttft_s: float = 0.0  # time to the first generated token
     timings: Timings = field(default_factory=Timings)
+    by_kind: dict[str, KindStats] = field(default_factory=dict)  # draft kind -> its steps (``none``: nothing drafted)
 
-    def record_step(self, n_drafted: int, n_accepted: int, draft_s: float, verify_s: float, round_trip_s: float) -> None:
-        """One VERIFY step: counts, tau (bonus included) and the draft / verify / link split."""
+    def record_step(self, n_drafted: int, n_accepted: int, draft_s: float, verify_s: float, round_trip_s: float,
+                    kind: str = "") -> None:
+        """One VERIFY step: counts, tau (bonus included), the draft / verify / link split, and the
+        share of the draft kind that made the step's draft."""
+        kind = (kind or "draft") if n_drafted else "none"
+        share = self.by_kind.setdefault(kind, KindStats())
+        share.steps, share.drafted, share.accepted, share.draft_s = (
+            share.steps + 1, share.drafted + n_drafted, share.accepted + n_accepted, share.draft_s + draft_s)
         self.n_steps += 1
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
@@ -108,6 +130,8 @@ class Client:
             self.conn.close()
             raise
         self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
+        if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
+            self.tokenizer = _local_tokenizer(str(self.target.get("model")), home or dovetail_home())
         missing = self._missing_capability(draft_config)
         if missing:
             self.close()
@@ -248,7 +272,7 @@ class Client:
             # 3 commit: accepted tokens + the target's bonus token
             accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
             self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
-            stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2)
+            stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind)
             take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
 
     # ---- text convenience ---------------------------------------------------------------------
@@ -269,12 +293,22 @@ def _until_done(new: list[int], left: int, eos: set) -> list[int]:
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Prompt text -> ids; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
     if tokenizer is None:
-        raise ValueError("this draft model has no tokenizer: pass token ids instead of text")
+        raise ValueError("no tokenizer here (the draft has none, and the target's files are not on this host): pass "
+                         "token ids (or Client(tokenizer=...)), or install the target here: dovetail models install")
     if chat:
         return list(tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False,
         ))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _local_tokenizer(target: str, home: Path):
+    """The target's tokenizer when this host has the target's files (one host); else None: token ids only."""
+    try:
+        return store.load_tokenizer(target, home)
+    except (FileNotFoundError, ValueError, OSError):
+        log.info("no local tokenizer for target '%s': token ids only", target)
+        return None
 
 
 def resolve_device(device: str) -> str:

@@ -64,7 +64,8 @@ class DraftConfig:
     Chains (tree_top_k = 1): up to draft_max tokens; past draft_min, a chain grows while one more
     token raises the expected tokens/s (cost.py: measured verification curve, draft time,
     acceptance); before those are measured, or with adaptive off, it stops when the draft's top
-    probability falls under p_min. Trees (tree_top_k > 1): EAGLE-2 style dynamic
+    probability falls under p_min. An n-gram lookup draft (-md ngram) sends at most draft_max nodes,
+    branching tree_top_k (default 3). Trees (tree_top_k > 1): EAGLE-2 style dynamic
     trees of tree_depth rounds keeping the best tree_tokens - 1 draft nodes, then (adaptive) cut to
     the size the cost model prefers.
     """
@@ -76,6 +77,8 @@ class DraftConfig:
     tree_top_k: int | None = None  # None: the draft kind's default (small LM: 1 = chains; head: 4)
     tree_depth: int = 5
     tree_tokens: int = 8  # root included; measured bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms on the 2-core dev CPU
+    lookup_min: int = 1  # n-gram lookup (-md ngram): the shortest and longest context tail it matches
+    lookup_max: int = 8
 
     def __post_init__(self):
         if not 0 <= self.draft_min <= self.draft_max:
@@ -84,6 +87,8 @@ class DraftConfig:
             raise ValueError(f"--draft-p-min must be in [0, 1], got {self.p_min}")
         if (self.tree_top_k is not None and self.tree_top_k < 1) or self.tree_depth < 1 or self.tree_tokens < 2:
             raise ValueError("trees need top_k >= 1, depth >= 1 and tokens >= 2")
+        if not 1 <= self.lookup_min <= self.lookup_max:
+            raise ValueError(f"need 1 <= --lookup-min <= --lookup-max, got {self.lookup_min} and {self.lookup_max}")
 
     @property
     def is_tree(self) -> bool:

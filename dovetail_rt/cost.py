@@ -39,8 +39,9 @@ PROBE_MAX = 256
 
 
 class CostModel:
-    def __init__(self, verify_curve: dict | None = None):
-        self.t_verify = {int(q): float(t) for q, t in (verify_curve or {}).items()}  # q -> seconds
+    def __init__(self, verify_curve: dict | None = None, t_verify: dict[int, float] | None = None):
+        """``t_verify``: share another model's measured curve (the dict itself: both learn into it)."""
+        self.t_verify = t_verify if t_verify is not None else {int(q): float(t) for q, t in (verify_curve or {}).items()}
         self.t_draft: float | None = None  # seconds per draft token
         self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
         self.accepted: list[float] = []

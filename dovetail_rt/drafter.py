@@ -9,7 +9,10 @@ Every draft kind implements the same calls, so the loop in ``client.py`` never c
     close()                                   (free the draft's state; the model stays its opener's)
     max_positions                             (the longest sequence the draft can hold)
 
-``open_draft`` + ``make_drafter`` below are the one place a draft kind is built from a spec.
+Kinds: ``DraftLM`` (a small LM), ``HeadDrafter`` (the Dovetail feature head), ``ngram.NgramDrafter``
+(lookup in the context and earlier outputs), ``Chooser`` (ngram+DRAFT: the lookup when it pays, else
+the model draft) and ``NoDraft``. ``open_draft`` + ``make_drafter`` below are the one place a draft
+kind is built from a spec.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from __future__ import annotations
 import math
 import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import lm, tree
+from . import lm, ngram, tree
 from .config import DraftConfig
 from .cost import CostModel, raw_chances_by_depth
 from .tree import DraftTree
@@ -61,6 +64,7 @@ class NoDraft:
 
     wants_features = False
     max_positions = 1 << 30
+    kind = "none"
 
     def close(self) -> None:
         pass
@@ -88,6 +92,7 @@ class DraftLM:
     """
 
     wants_features = False
+    kind = "lm"
 
     def __init__(self, model: lm.LM, config: DraftConfig, verify_curve: dict | None = None):
         self.lm, self.config = model, config
@@ -122,7 +127,7 @@ class DraftLM:
         logits = self._catch_up(committed)  # [vocab] after the last committed token
         if self.config.is_tree:
             draft, self.last_predicted = size_tree(self._tree(committed, logits, budget), self.cost, self.config, started)
-            return draft
+            return replace(draft, kind=self.kind)
         return self._chain(logits, budget)
 
     def _catch_up(self, committed: list[int]) -> torch.Tensor:
@@ -161,7 +166,7 @@ class DraftLM:
                 logits = self.state.forward([tok]).logits[-1]  # continues the pending chain
                 self.drafted.append(tok)
         self.last_predicted = [math.exp(sc) for sc in scores]
-        return DraftTree.chain(tokens, scores)
+        return DraftTree.chain(tokens, scores, self.kind)
 
     def _tree(self, committed: list[int], logits: torch.Tensor, budget: int) -> DraftTree:
         """EAGLE-2 dynamic tree; each expansion is one draft forward of pending nodes below their parents."""
@@ -181,10 +186,56 @@ class DraftLM:
         return draft
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What ``open_draft("ngram+DRAFT")`` gives: the lookup and the model draft to choose between."""
+
+    lookup: ngram.Lookup
+    model: object  # what open_draft gives for DRAFT
+
+
+class Chooser:
+    """``ngram+DRAFT``: each step the lookup's proposal when it has one that its cost model expects
+    to pay, else the model draft's (which drafts nothing when nothing pays either). Each kind learns
+    its acceptance and draft time from the steps it drafted; the model draft sees every step's target
+    features (a head needs them all) and catches up over the tokens the lookup got accepted."""
+
+    def __init__(self, lookup: "ngram.NgramDrafter", model):
+        self.lookup, self.model, self.used = lookup, model, model
+        self.wants_features = model.wants_features
+        self.max_positions = model.max_positions
+
+    def close(self) -> None:
+        self.lookup.close(), self.model.close()
+
+    def reset(self) -> None:
+        self.lookup.reset(), self.model.reset()
+
+    def observe(self, feedback: Feedback) -> None:
+        other = self.model if self.used is self.lookup else self.lookup
+        self.used.observe(feedback)
+        other.observe(Feedback(feedback.features))  # features only: that step's counts and times are not its own
+
+    def propose(self, committed: list[int], budget: int) -> DraftTree:
+        draft = self.lookup.propose(committed, budget)
+        self.used = self.lookup if len(draft) else self.model
+        return draft if len(draft) else self.model.propose(committed, budget)
+
+
+LOOKUP = "ngram"  # -md ngram, -md ngram+DRAFT
+
+
+def model_part(spec: str) -> str | None:
+    """The model a draft spec names: None for ``ngram``, DRAFT for ``ngram+DRAFT``, else the spec."""
+    return None if spec == LOOKUP else spec[len(LOOKUP) + 1:] if spec.startswith(LOOKUP + "+") else spec
+
+
 def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engine: str = "auto", threads: int | None = None):
     """-> (draft model, tokenizer or None) for ``make_drafter``. ``draft``: None (no draft), a spec
-    (a Dovetail head folder, detected by its config, or a small LM: installed name, folder, .gguf,
-    hub id), an opened ``lm.LM``, a ``DraftHead``, or a torch causal LM module (tests, the bench).
+    (``ngram``: lookup in the context and earlier outputs; ``ngram+DRAFT``: that, else DRAFT; a Dovetail
+    head folder, detected by its config, or a small LM: installed name, folder, .gguf, hub id), an
+    opened ``lm.LM``, a ``DraftHead``, a ``ngram.Lookup`` or ``Choice``, or a torch causal LM module
+    (tests, the bench).
 
     A small LM runs on ``engine`` (auto: llama.cpp for a GGUF draft on the CPU, torch on CUDA).
     Torch precision: ``dtype`` auto = float16 on CUDA, int8 dynamic quantization on the CPU; a head
@@ -194,8 +245,18 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
     """
     from . import draft_head, store
 
-    if draft is None or isinstance(draft, draft_head.DraftHead) or hasattr(draft, "session"):
+    if draft is None or isinstance(draft, (draft_head.DraftHead, ngram.Lookup)) or hasattr(draft, "session"):
         return draft, None
+    if isinstance(draft, Choice):
+        model, tokenizer = open_draft(draft.model, home, dtype, device, engine, threads)
+        return Choice(draft.lookup, model), tokenizer
+    if model_part(str(draft)) is None:
+        return ngram.Lookup(), None
+    if model_part(str(draft)) != str(draft):
+        model, tokenizer = open_draft(model_part(str(draft)), home, dtype, device, engine, threads)
+        if model is None or isinstance(model, (ngram.Lookup, Choice)):
+            raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
+        return Choice(ngram.Lookup(), model), tokenizer
     if isinstance(draft, torch.nn.Module):
         return lm.open_lm("module", home, "torch", model=draft, device=device), None
     path = Path(str(draft)).expanduser()
@@ -214,12 +275,18 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
 
 
 def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
-    """The draft kind for an opened draft (``open_draft``): a feature head, a standalone LM, or
-    None = no draft (the target decodes one token per step: the baseline the bench calls `target`)."""
+    """The draft kind for an opened draft (``open_draft``): a lookup, a lookup-or-model choice, a
+    feature head, a standalone LM, or None = no draft (the target decodes one token per step: the
+    baseline the bench calls `target`)."""
     from .draft_head import DraftHead
 
     if model is None:
         return NoDraft()
+    if isinstance(model, ngram.Lookup):
+        return ngram.NgramDrafter(model, config, verify_curve)
+    if isinstance(model, Choice):
+        return Chooser(ngram.NgramDrafter(model.lookup, config, verify_curve),
+                       make_drafter(model.model, config, verify_curve))
     if isinstance(model, DraftHead):
         return HeadDrafter(model, config, verify_curve)
     return DraftLM(model, config, verify_curve)
@@ -241,7 +308,7 @@ class HeadDrafter:
     """
 
     wants_features = True
-
+    kind = "head"
     max_positions = 1 << 30  # the head's cache grows with the committed pairs; the target's context limits
 
     def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
@@ -287,7 +354,7 @@ class HeadDrafter:
         self.catch_up = (time.perf_counter() - t0, n - self.n_pairs)
         self.n_pairs = n
         if budget <= 0:
-            return DraftTree.chain([])
+            return DraftTree.chain([], kind=self.kind)
         # only the last caught-up pair drafts: the lm_head over the others (a whole prompt at first) is waste
         root_logp = self.head.draft_logprobs(fhat[-1:])[0]
         node_fhat = {0: fhat[-1]}  # pool node -> its predicted feature
@@ -307,4 +374,4 @@ class HeadDrafter:
         draft = tree.grow(root_logp, expand, top_k, depth, min(total, budget + 1))
         self.head.crop_cache(self.cache, n)
         draft, self.last_predicted = size_tree(draft, self.cost, cfg, started)
-        return draft
+        return replace(draft, kind=self.kind)

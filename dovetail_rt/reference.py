@@ -16,11 +16,13 @@ from .drafter import DraftLM
 
 
 def speculative_generate(
-    target: lm.LM, draft: lm.LM, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
+    target: lm.LM, draft, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
     params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
 ) -> Generation:
+    """``draft``: a small LM (``lm.LM``) or any drafter (``propose`` / ``observe`` / ``reset``)."""
     generator = torch.Generator().manual_seed(seed)
-    drafter = DraftLM(draft, draft_config)
+    drafter = draft if hasattr(draft, "propose") else DraftLM(draft, draft_config)
+    drafter.reset()
     stats = GenerationStats(n_prompt=len(prompt))
 
     def target_choice(tokens, parents, logits):

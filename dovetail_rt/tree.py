@@ -17,13 +17,14 @@ class DraftTree:
     tokens: list[int]  # draft nodes 1..n
     parents: list[int]  # parent of node i at [i - 1]; 0 = the root
     scores: list[float]  # cumulative draft log-probability of each node
+    kind: str = ""  # the draft kind that made it ("lm", "head", "ngram"): the stats count per kind
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     @staticmethod
-    def chain(tokens: list[int], scores: list[float] | None = None) -> "DraftTree":
-        return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens))
+    def chain(tokens: list[int], scores: list[float] | None = None, kind: str = "") -> "DraftTree":
+        return DraftTree(list(tokens), list(range(len(tokens))), scores or [0.0] * len(tokens), kind)
 
 
 def pool_depths(parents: list[int]) -> list[int]:
@@ -48,7 +49,7 @@ def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
     rank = t.scores if rank is None else rank
     keep = sorted(sorted(range(len(t)), key=lambda i: (-rank[i], i))[:n])
     new_id = {0: 0, **{old + 1: j + 1 for j, old in enumerate(keep)}}
-    return DraftTree([t.tokens[i] for i in keep], [new_id[t.parents[i]] for i in keep], [t.scores[i] for i in keep])
+    return DraftTree([t.tokens[i] for i in keep], [new_id[t.parents[i]] for i in keep], [t.scores[i] for i in keep], t.kind)
 
 
 def expansion_mask(nodes: list[int], fed: list[int], parents: list[int], past_len: int) -> torch.Tensor:

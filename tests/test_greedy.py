@@ -104,3 +104,53 @@ def test_forward_computes_only_the_logits_asked_for(target):
     assert last.shape == (1, full.shape[1]) and none.shape == (0, full.shape[1])
     torch.testing.assert_close(last, full[-1:])
     torch.testing.assert_close(hidden_1, hidden)
+
+
+# Lookup drafts: prompts that repeat themselves (the lookup must draft) and ones that do not.
+REPEATING = [[40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30)) * 2, [7, 8, 9, 10, 11, 12] * 4 + [7, 8],
+             [1, 2, 3, 9, 1, 2, 4, 9, 1, 2, 5, 9, 1, 2]]  # the last: three continuations, a tree
+PLAIN = [[5], [5, 7, 9, 11], [3, 50, 17, 88, 21, 64]]
+LOOKUPS = {
+    "ngram-chain": ("ngram", DraftConfig(tree_top_k=1, adaptive=False)),
+    "ngram-tree": ("ngram", DraftConfig(tree_top_k=3, draft_max=12, adaptive=False)),
+    "ngram-cost-model": ("ngram", DraftConfig()),
+    "ngram+lm-chain": ("ngram+", DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
+    "ngram+lm-tree": ("ngram+", DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6, adaptive=False)),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", LOOKUPS)
+def test_lookup_greedy_output_equals_target_only(engine, target, name):
+    from dovetail_rt import ngram
+    from dovetail_rt.drafter import Choice
+
+    verifier, target_lm = engine
+    spec, cfg = LOOKUPS[name]
+    draft = ngram.Lookup() if spec == "ngram" else Choice(ngram.Lookup(), noisy_copy(target, noise=0.3))
+    by_kind = {}
+    with Client(verifier=verifier.endpoint, draft=draft, draft_config=cfg, timeout_s=30) as client:
+        for prompt in REPEATING + PLAIN:
+            out = client.generate(prompt, max_new_tokens=40)
+            assert out.token_ids == target_greedy(target_lm, prompt, 40), f"prompt {prompt}"
+            for kind, k in out.stats.by_kind.items():
+                by_kind[kind] = by_kind.get(kind, 0) + k.accepted
+    if name != "ngram-cost-model":
+        assert by_kind.get("ngram", 0) > 0, f"the lookup never had a draft accepted: {by_kind}"
+    if name.startswith("ngram+"):
+        assert by_kind.get("lm", 0) > 0, f"the model draft never had a draft accepted: {by_kind}"
+
+
+@pytest.mark.timeout(120)
+def test_reference_matches_two_process_path_with_lookup(engine, target):
+    """The single-process reference with the same lookup draft agrees token for token and step for step."""
+    from dovetail_rt import ngram
+
+    verifier, target_lm = engine
+    cfg = LOOKUPS["ngram-tree"][1]
+    with Client(verifier=verifier.endpoint, draft=ngram.Lookup(), draft_config=cfg, timeout_s=30) as client:
+        for prompt in REPEATING[:2]:
+            fast = client.generate(prompt, max_new_tokens=30)
+            ref = speculative_generate(target_lm, ngram.NgramDrafter(ngram.Lookup(), cfg), prompt, 30, cfg)
+            assert fast.token_ids == ref.token_ids
+            assert (fast.stats.n_steps, fast.stats.n_accepted) == (ref.stats.n_steps, ref.stats.n_accepted)

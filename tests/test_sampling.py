@@ -133,7 +133,20 @@ CASES = {
     "T1.0-topk2": (SamplingParams(1.0, top_k=2), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "T1.0-topp0.8": (SamplingParams(1.0, top_p=0.8), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "T1.0-tree": (SamplingParams(1.0), DraftConfig(tree_top_k=2, tree_depth=2, tree_tokens=5, adaptive=False)),
+    # lookup drafts (deterministic, like a greedy LM draft), alone and chosen before the model draft
+    "T1.0-ngram-chain": (SamplingParams(1.0), DraftConfig(draft_max=3, tree_top_k=1, adaptive=False)),
+    "T0.7-ngram-tree": (SamplingParams(0.7), DraftConfig(draft_max=3, tree_top_k=2, adaptive=False)),
+    "T1.0-ngram+lm": (SamplingParams(1.0), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
 }
+
+
+def sampling_draft(case: str, target):
+    from dovetail_rt import ngram
+    from dovetail_rt.drafter import Choice
+
+    if "ngram+lm" in case:
+        return Choice(ngram.Lookup(), noisy_copy(target, noise=0.5))
+    return ngram.Lookup() if "ngram" in case else noisy_copy(target, noise=0.5)
 
 
 @pytest.mark.timeout(300)
@@ -141,10 +154,10 @@ CASES = {
 def test_sampling_matches_target_distribution(small_vocab, case):
     target, proc = small_vocab
     params, draft_cfg = CASES[case]
-    prompt = [1, 3, 2]
+    prompt = [1, 3, 2, 1, 3, 2, 0, 1, 3] if "ngram" in case else [1, 3, 2]  # lookups: a prompt that repeats
     expected = exact_joint(target, prompt, params) * N_SAMPLES  # [V ** N_TOKENS]
     counts = torch.zeros_like(expected)
-    draft = noisy_copy(target, noise=0.5)
+    draft = sampling_draft(case, target)
     drafted = accepted = 0
     with Client(verifier=proc.endpoint, draft=draft, draft_config=draft_cfg, timeout_s=30) as client:
         for i in range(N_SAMPLES):

@@ -1,0 +1,219 @@
+"""Drafts that cost the CPU nothing: prompt lookup in the context, and a suffix index of earlier outputs.
+
+The draft is the text itself (prompt lookup, as in transformers' prompt-lookup candidate generator,
+vLLM's n-gram proposer and llama.cpp's ngram-* speculative types; across requests, SuffixDecoding):
+
+1. match: the longest n (``n_max`` down to 1) such that the context's last n tokens occurred
+   before, in the context or in an earlier output kept by the ``SuffixIndex``;
+2. continuations: what followed each occurrence of that n-gram (the most recent ``SCAN`` per source),
+   never past the end of its sequence;
+3. tree: the continuations merged into a trie; a node's count is how many occurrences continue
+   through it, siblings ranked by count (ties: the most recent first); a node's own chance is its
+   count over the number of occurrences;
+4. size: each match length has its own cost model (a 2-token match and an 8-token one are accepted
+   at very different rates), which calibrates those chances per depth from what the target
+   accepted and keeps the nodes that raise the expected tokens per second (cost.py).
+
+No model and no tokenizer: token ids only. A step's lookup takes tens of microseconds (the stats
+report it per draft kind).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from . import tree
+from .config import DraftConfig
+from .cost import CostModel, raw_chances_by_depth
+from .tree import DraftTree
+
+SCAN = 64  # occurrences looked at per source and step, the most recent first
+TOP_K = 3  # branching of lookup trees unless --tree-top-k says otherwise
+INDEX_TOKENS = 1 << 16  # default size cap of the suffix index of earlier outputs
+
+
+class TokenIndex:
+    """One token sequence (a context that grows, or an earlier output) and, for every token and
+    every pair of tokens in it, the positions that follow its occurrences."""
+
+    def __init__(self, tokens=()):
+        self.tokens: list[int] = []
+        self.after1: dict[int, list[int]] = defaultdict(list)
+        self.after2: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.extend(tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, new) -> None:
+        for tok in new:
+            i = len(self.tokens)
+            self.tokens.append(tok)
+            self.after1[tok].append(i + 1)
+            if i:
+                self.after2[(self.tokens[i - 1], tok)].append(i + 1)
+
+    def matches(self, tail: list[int], n_min: int, n_max: int) -> tuple[int, list[int]]:
+        """(n, continuation starts) of the longest matches of ``tail``'s last n tokens, n_min <= n <= n_max,
+        most recent first, each with at least one token after it; (0, []) when none."""
+        toks, best, found = self.tokens, 0, []
+        if len(tail) >= 2 and n_max >= 2:
+            for pos in reversed(self.after2.get((tail[-2], tail[-1]), ())[-SCAN - 1:]):
+                if pos >= len(toks):
+                    continue  # the tail itself: nothing follows it
+                n = 2
+                while n < n_max and n < pos and n < len(tail) and toks[pos - 1 - n] == tail[-1 - n]:
+                    n += 1
+                if n > best:
+                    best, found = n, [pos]
+                elif n == best:
+                    found.append(pos)
+        if not found and n_min <= 1 and tail:
+            best, found = 1, [p for p in reversed(self.after1.get(tail[-1], ())[-SCAN - 1:]) if p < len(toks)]
+        return (best, found) if found and best >= n_min else (0, [])
+
+
+class SuffixIndex:
+    """Earlier outputs of the same target, searched by every lookup draft that shares this index
+    (the ``Lookup`` object: one per draft-side process unless you open several). Bounded: past
+    ``max_tokens`` the oldest outputs are dropped whole; an output longer than the cap keeps its end."""
+
+    def __init__(self, max_tokens: int = INDEX_TOKENS):
+        if max_tokens < 0:
+            raise ValueError(f"the lookup index size must be >= 0 tokens, got {max_tokens}")
+        self.max_tokens, self.n_tokens = max_tokens, 0
+        self.docs: deque[TokenIndex] = deque()
+
+    def add(self, tokens: list[int]) -> None:
+        tokens = list(tokens)[-self.max_tokens:] if self.max_tokens else []
+        if len(tokens) < 2:
+            return
+        self.docs.append(TokenIndex(tokens))
+        self.n_tokens += len(tokens)
+        while self.n_tokens > self.max_tokens:
+            self.n_tokens -= len(self.docs.popleft())
+
+    def __iter__(self):
+        return reversed(self.docs)  # newest first
+
+
+@dataclass
+class Lookup:
+    """What ``open_draft("ngram")`` gives: the lookup draft's only state beyond a session, its index
+    of earlier outputs. Share one between Clients to share what they produced (a server's requests)."""
+
+    index: SuffixIndex = field(default_factory=SuffixIndex)
+
+
+def lookup(context: TokenIndex, sources, n_min: int, n_max: int, depth: int) -> tuple[int, list[list[int]]]:
+    """(match length, continuations up to ``depth`` tokens, most recent first within each source): the
+    longest match of the context's tail in the context itself and in ``sources`` (earlier outputs)."""
+    tail = context.tokens[-n_max:]
+    best, conts = 0, []
+    for src in [context, *sources]:
+        n, starts = src.matches(tail, max(n_min, best, 1), n_max)
+        if n > best:
+            best, conts = n, []
+        if n and n == best:
+            conts += [src.tokens[p : p + depth] for p in starts[: SCAN - len(conts)]]
+    return best, conts
+
+
+def trie(continuations: list[list[int]], top_k: int) -> tuple[list[int], list[int], list[int]]:
+    """Continuations merged into a trie, in wire layout (``parents[i - 1]`` of node i, 0 = the root; a
+    parent before its children): at every node its ``top_k`` most frequent children, best first,
+    ties to the one seen first. -> (tokens, parents, counts: occurrences continuing through each node)."""
+    children: dict[int, dict[int, int]] = defaultdict(dict)  # pool node -> token -> pool node
+    tok, count = [0], [len(continuations)]
+    for cont in continuations:
+        node = 0
+        for t in cont:
+            nxt = children[node].get(t)
+            if nxt is None:
+                nxt = children[node][t] = len(tok)
+                tok.append(t), count.append(0)
+            count[nxt] += 1
+            node = nxt
+    tokens, parents, counts = [], [], []
+    stack = [(0, 0)]  # (pool node, its wire id)
+    while stack:  # preorder, best sibling first
+        node, wire = stack.pop()
+        ranked = sorted(children[node].values(), key=lambda c: -count[c])[:top_k]  # stable: first seen wins ties
+        ids = []
+        for c in ranked:
+            tokens.append(tok[c]), parents.append(wire), counts.append(count[c])
+            ids.append(len(tokens))
+        stack += reversed(list(zip(ranked, ids)))
+    return tokens, parents, counts
+
+
+def bucket(n: int) -> int:
+    """Match lengths that share a cost model's calibration: 1, 2, 3, 4-7, 8+."""
+    return n if n <= 3 else (4 if n < 8 else 8)
+
+
+class NgramDrafter:
+    """``-md ngram``: prompt lookup in the session's context plus a ``SuffixIndex`` of earlier outputs."""
+
+    wants_features = False
+    max_positions = 1 << 30
+    kind = "ngram"
+
+    def __init__(self, source: Lookup, config: DraftConfig, verify_curve: dict | None = None):
+        self.source, self.config = source, config
+        self.verify = CostModel(verify_curve)  # learns T_V from every step; the per-length models share it
+        self.costs: dict[int, CostModel] = {}
+        self.context = TokenIndex()
+        self.n_prompt = 0
+        self.last: tuple[int, list[float]] | None = None  # (bucket, predicted per depth) of the last proposal
+
+    def cost(self, n: int) -> CostModel:
+        b = bucket(n)
+        if b not in self.costs:
+            self.costs[b] = CostModel(t_verify=self.verify.t_verify)
+        return self.costs[b]
+
+    def close(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A generation ends (or a new one starts): its output joins the index of earlier outputs."""
+        if len(self.context) > self.n_prompt:
+            self.source.index.add(self.context.tokens[self.n_prompt:])
+        self.context, self.n_prompt, self.last = TokenIndex(), 0, None
+
+    def observe(self, feedback) -> None:
+        if self.last is None:  # no proposal: only the one-token verification time to learn
+            if feedback.verify_s and not feedback.n_drafted:
+                self.verify.observe(0, 0, [], feedback.verify_s, feedback.draft_s)
+            return
+        b, predicted = self.last
+        self.last = None
+        if feedback.verify_s:
+            self.costs[b].observe(feedback.n_drafted, feedback.n_accepted, predicted, feedback.verify_s, feedback.draft_s)
+        else:  # not sent (another draft kind ran this step): it still counts towards a probe
+            self.costs[b].idle_steps += 1
+
+    def propose(self, committed: list[int], budget: int) -> DraftTree:
+        started, cfg = time.perf_counter(), self.config
+        if not len(self.context):
+            self.n_prompt = len(committed) - 1  # the prompt; the rest of ``committed`` is output
+        if len(committed) < len(self.context) or committed[len(self.context) - 1 : len(self.context)] != self.context.tokens[-1:]:
+            raise ValueError("the committed tokens no longer extend this generation's: reset() between generations")
+        self.context.extend(committed[len(self.context):])
+        cap = min(budget, cfg.draft_max)
+        n, conts = lookup(self.context, self.source.index, cfg.lookup_min, cfg.lookup_max, cap) if cap > 0 else (0, [])
+        if not n:
+            return DraftTree.chain([], kind=self.kind)
+        tokens, parents, counts = trie(conts, TOP_K if cfg.tree_top_k is None else cfg.tree_top_k)
+        scores = [math.log(c / len(conts)) for c in counts]
+        draft = tree.prune(DraftTree(tokens, parents, scores, self.kind), cap)
+        cost = self.cost(n)
+        if cfg.adaptive and cost.knows_verify:
+            chances = cost.node_chances(draft.scores, draft.parents)
+            draft = tree.prune(draft, cost.tree_size(chances, time.perf_counter() - started), chances)
+        self.last = (bucket(n), raw_chances_by_depth(draft.scores, draft.parents))
+        return draft
