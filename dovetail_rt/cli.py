@@ -144,8 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch draft precision (hf-assisted, torch drafts; auto on the CPU: int8 for a draft LM, bfloat16 "
                         "for a head); a llama.cpp draft runs its file's format")
     p.add_argument("--systems", default="target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec",
-                   help="comma list from target, hf, hf-assisted, dovetail, llamacpp, llamacpp-spec (default: all; "
-                        "llama.cpp rows need bash bench/build_llamacpp.sh)")
+                   help="comma list from target, hf, hf-assisted, dovetail (the draft LM's chain and tree rows), ngram "
+                        "(-md ngram), ngram+draft (-md ngram+DRAFT), llamacpp, llamacpp-spec, llamacpp-ngram (default: "
+                        "target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec; llama.cpp rows need bash bench/build_llamacpp.sh)")
+    p.add_argument("--llamacpp-ngram", default="ngram-mod",
+                   help="llama.cpp --spec-type(s) of the llamacpp-ngram rows, comma separated, one row each: ngram-simple, "
+                        "ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache (default ngram-mod)")
+    p.add_argument("--lookup-max", type=int, default=DraftConfig.lookup_max,
+                   help=f"longest context tail the ngram rows match (default {DraftConfig.lookup_max})")
     p.add_argument("--head", default=None, help="draft head folder(s), comma separated: extra dovetail rows")
     p.add_argument("--trees", default=None,
                    help="tree shapes TOPK:DEPTH:TOKENS,... for the tree rows of the draft LM and of every head, one row "
@@ -155,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", default="on", choices=["on", "off", "both"],
                    help="dovetail rows sized by the cost model (on, default), fixed shapes (off: chains stop by draft "
                         "confidence, trees are sent whole; rows named ...-fixed; for sweeps of exact tree sizes), or both")
-    p.add_argument("--dataset", default="humaneval", help="humaneval, mtbench, sharegpt (held-out slice), or a comma list")
+    p.add_argument("--dataset", default="humaneval", help="humaneval, humaneval-edit (its solutions given back edited: where lookup drafts pay), mtbench, sharegpt (held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
     p.add_argument("--limit", default="10", help="prompts per dataset, or one number per dataset: 20,20,5 (default 10; 0 = all)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="new tokens per prompt (default 128)")

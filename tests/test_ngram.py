@@ -10,18 +10,18 @@ from dovetail_rt.drafter import Choice, Chooser, Feedback, NoDraft, make_drafter
 def test_longest_match_wins():
     #            0  1  2  3  4  5  6  7  8  9 10 11
     ctx = ngram.TokenIndex([5, 1, 2, 8, 9, 1, 2, 3, 4, 6, 2, 3])
-    n, conts = ngram.lookup(ctx, [], 1, 8, 3)
+    n, conts = ngram.lookup(ctx, None, 1, 8, 3)
     # the tail "2 3" occurs once before (at 6..7); "3" alone would also match, but the longer match wins
     assert (n, conts) == (2, [[4, 6, 2]])
     # "1 2" occurs twice; "9 1 2" once: only the 3-token match's continuation is proposed
     ctx = ngram.TokenIndex([9, 1, 2, 7, 4, 1, 2, 5, 9, 1, 2])
-    assert ngram.lookup(ctx, [], 1, 8, 2) == (3, [[7, 4]])
+    assert ngram.lookup(ctx, None, 1, 8, 2) == (3, [[7, 4]])
 
 
 def test_ties_are_ranked_by_count_then_recency():
     # after "1 2": 7 twice, 5 once (the most recent); the trie puts 7 first, 5 second
     ctx = ngram.TokenIndex([1, 2, 7, 0, 1, 2, 7, 0, 1, 2, 5, 0, 1, 2])
-    n, conts = ngram.lookup(ctx, [], 1, 2, 1)
+    n, conts = ngram.lookup(ctx, None, 1, 2, 1)
     assert n == 2 and conts == [[5], [7], [7]]  # most recent first
     tokens, parents, counts = ngram.trie(conts, top_k=3)
     assert (tokens, parents, counts) == ([7, 5], [0, 0], [2, 1])
@@ -32,25 +32,30 @@ def test_ties_are_ranked_by_count_then_recency():
 
 def test_no_proposal_past_the_end_of_the_context():
     ctx = ngram.TokenIndex([3, 4, 5, 3, 4])
-    n, conts = ngram.lookup(ctx, [], 1, 8, 10)
+    n, conts = ngram.lookup(ctx, None, 1, 8, 10)
     assert (n, conts) == (2, [[5, 3, 4]])  # stops where the context stops
-    assert ngram.lookup(ngram.TokenIndex([1, 2, 3, 4]), [], 1, 8, 4) == (0, [])  # nothing repeats
+    assert ngram.lookup(ngram.TokenIndex([1, 2, 3, 4]), None, 1, 8, 4) == (0, [])  # nothing repeats
     # the context's own tail is never its own match, however long
-    assert ngram.lookup(ngram.TokenIndex([7, 7]), [], 2, 8, 4) == (0, [])
+    assert ngram.lookup(ngram.TokenIndex([7, 7]), None, 2, 8, 4) == (0, [])
 
 
 def test_the_suffix_index_is_searched_and_its_size_cap_holds():
     index = ngram.SuffixIndex(max_tokens=100)
     index.add([11, 12, 13, 14, 15])
+    index.add([16, 17])
     ctx = ngram.TokenIndex([1, 2, 11, 12])
-    assert ngram.lookup(ctx, index, 1, 8, 3) == (2, [[13, 14, 15]])
+    assert ngram.lookup(ctx, index, 1, 8, 10) == (2, [[13, 14, 15]])  # stops at that output's end
+    assert ngram.lookup(ngram.TokenIndex([15]), index, 1, 8, 3) == (0, [])  # nothing follows an output's end
     for i in range(50):
         index.add(list(range(200 + i, 230 + i)))
-        assert index.n_tokens <= 100 and index.n_tokens == sum(len(d) for d in index.docs)
-    assert ngram.lookup(ctx, index, 1, 8, 3) == (0, [])  # what it knew came from the evicted output
-    assert all(11 not in d.tokens for d in index.docs), "the oldest output was not evicted"
+        kept = index.outputs()
+        assert index.n_tokens <= 100 and index.n_tokens == sum(map(len, kept))
+        assert kept[-1] == list(range(200 + i, 230 + i))
+    assert ngram.lookup(ctx, index, 1, 8, 3) == (0, [])  # what it knew came from an evicted output
+    assert len(index.index) <= 2 * (100 + len(index.outputs()) + 30), "evicted outputs were never dropped"
+    assert ngram.lookup(ngram.TokenIndex([5, 247, 248]), index, 1, 8, 3) == (2, [[249, 250, 251]])
     index.add(list(range(1000, 1300)))  # longer than the cap: its end is kept
-    assert index.n_tokens == 100 and index.docs[-1].tokens == list(range(1200, 1300))
+    assert index.n_tokens == 100 and index.outputs() == [list(range(1200, 1300))]
 
 
 def test_a_drafter_adds_each_generation_to_the_shared_index():
@@ -59,7 +64,7 @@ def test_a_drafter_adds_each_generation_to_the_shared_index():
     drafter.propose([1, 2, 3], 10)  # prompt [1, 2], first token 3
     drafter.propose([1, 2, 3, 40, 41, 42, 43], 10)
     drafter.reset()
-    assert [d.tokens for d in source.index.docs] == [[3, 40, 41, 42, 43]]  # the output, not the prompt
+    assert source.index.outputs() == [[3, 40, 41, 42, 43]]  # the output, not the prompt
     other = ngram.NgramDrafter(source, DraftConfig(adaptive=False))  # another Client sharing the Lookup
     draft = other.propose([9, 8, 40, 41], 10)
     assert draft.tokens == [42, 43] and draft.kind == "ngram"

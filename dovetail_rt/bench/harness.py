@@ -13,14 +13,16 @@ from tqdm import tqdm
 
 from .. import data, lm
 from ..config import DraftConfig
-from ..drafter import open_draft
+from ..drafter import Choice, open_draft
+from ..ngram import Lookup
 from ..launcher import VerifierChild
 from . import report
 from .systems import DovetailSystem, HFSystem, LlamaCppSystem
 
 log = logging.getLogger(__name__)
 
-ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "llamacpp", "llamacpp-spec")
+ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "ngram", "ngram+draft", "llamacpp", "llamacpp-spec",
+               "llamacpp-ngram")
 # Default tree shapes (TOPK:DEPTH:TOKENS) per draft kind; --trees replaces both for a sweep.
 LM_TREES, HEAD_TREES = "2:4:8", "4:5:8"
 
@@ -127,7 +129,8 @@ def run(args, home: Path) -> dict:
     heads = [h for h in (args.head or "").split(",") if h]
     lm_modes, head_modes = dovetail_modes(args), tree_modes(args.trees or HEAD_TREES, "dovetail-head", args)
     # every system keeps its session open for the whole run: the verifier must not close the oldest
-    sessions = 1 + len(lm_modes) + len(heads) * len(head_modes)
+    sessions = 3 + len(lm_modes) + len(heads) * len(head_modes)
+    draft_name = Path(args.model_draft).name
     with ExitStack() as stack:
         active = []
         for engine in engines:
@@ -138,6 +141,15 @@ def run(args, home: Path) -> dict:
             if "target" in systems:
                 active.append(DovetailSystem(f"target{tag}", child.endpoint, None, tokenizer, DraftConfig()))
                 engine_of[f"target{tag}"] = engine
+            # lookup rows: each its own Lookup, so its index of earlier outputs holds only its own outputs
+            for system, name, draft in (("ngram", "dovetail-ngram", None),
+                                        ("ngram+draft", f"dovetail-ngram+{draft_name}", draft_model)):
+                if system in systems:
+                    cfg = DraftConfig(draft_max=args.draft_max, lookup_max=args.lookup_max)
+                    active.append(DovetailSystem(name + tag, child.endpoint, Choice(Lookup(), draft) if draft else Lookup(),
+                                                 tokenizer, cfg))
+                    rows[name + tag] = {"draft": name.removeprefix("dovetail-"), "engine": engine, "lookup": True}
+                    engine_of[name + tag] = engine
             if "dovetail" in systems:
                 for name, (cfg, shape) in lm_modes.items():
                     active.append(DovetailSystem(name + tag, child.endpoint, draft_model, tokenizer, cfg))
@@ -159,14 +171,15 @@ def run(args, home: Path) -> dict:
             if "hf-assisted" in systems:  # transformers' own assisted generation needs a torch draft module
                 hf_draft = lm.open_lm(args.model_draft, home, "torch", dtype=args.draft_dtype if args.draft_dtype != "auto" else "int8")
                 active.append(HFSystem("hf-assisted", hf_target, assistant=hf_draft.model, eos=eos))
-        for name in ("llamacpp", "llamacpp-spec"):
-            if name in systems:
-                found = llamacpp_parts(home, args.model, args.model_draft)
-                if isinstance(found, str):
-                    log.warning("skipping %s: %s", name, found)
-                    print(f"skipping {name}: {found}", file=sys.stderr)
-                else:
-                    active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1))
+        spec_types = [t for t in args.llamacpp_ngram.split(",") if t] if "llamacpp-ngram" in systems else []
+        for name, spec_type in [(n, None) for n in ("llamacpp", "llamacpp-spec") if n in systems] + [
+                (f"llamacpp-ngram:{t}", t) for t in spec_types]:
+            found = llamacpp_parts(home, args.model, args.model_draft)
+            if isinstance(found, str):
+                log.warning("skipping %s: %s", name, found)
+                print(f"skipping {name}: {found}", file=sys.stderr)
+            else:
+                active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1, spec_type=spec_type))
         for s in active:  # closed before the verifiers stop, on every exit path
             stack.callback(s.close)
         # warm-up: one short generation each (not measured)
@@ -178,7 +191,8 @@ def run(args, home: Path) -> dict:
                 for s in active:  # interleaved: every system sees the machine in the same state
                     runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
             references = greedy_references(runs, engine_of, suffix) if args.temp == 0 else None
-            summary = report.summarize(runs, "target" if "target" in runs else None, references)
+            summary = report.summarize(runs, "target" if "target" in runs else None, references,
+                                       "llamacpp" if "llamacpp" in runs else None)
             if references:
                 add_divergences(summary, runs, references, engine_of, prompts, args.model, home, dtype_name)
             results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,

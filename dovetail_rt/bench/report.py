@@ -54,9 +54,11 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), v[0], v[-1]
 
 
-def summarize(runs: dict[str, list], baseline: str | None, references: dict[str, dict[int, list[int]]] | None) -> dict:
-    """runs[system] = [Run per prompt, same prompt order]; speedups are per prompt vs ``baseline``;
-    ``references[system]``: the greedy output (per prompt index) that system's output should equal."""
+def summarize(runs: dict[str, list], baseline: str | None, references: dict[str, dict[int, list[int]]] | None,
+              llamacpp: str | None = None) -> dict:
+    """runs[system] = [Run per prompt, same prompt order]; speedups are per prompt vs ``baseline``
+    (and vs ``llamacpp``, llama.cpp alone on the same file, when it ran); ``references[system]``: the
+    greedy output (per prompt index) that system's output should equal."""
     out = {}
     for name, rs in runs.items():
         tps = [r.decode_tok_per_s for r in rs]
@@ -70,6 +72,20 @@ def summarize(runs: dict[str, list], baseline: str | None, references: dict[str,
             row["speedup_vs_target_median"], row["speedup_min"], row["speedup_max"] = _spread(ratios)
         elif name == baseline:
             row["speedup_vs_target_median"] = 1.0
+        if llamacpp in runs:
+            ratios = [a.decode_tok_per_s / b.decode_tok_per_s for a, b in zip(rs, runs[llamacpp]) if b.decode_tok_per_s > 0]
+            row["speedup_vs_llamacpp_median"] = _spread(ratios)[0]
+        kinds = {}
+        for r in rs:
+            for kind, k in r.by_kind.items():
+                total = kinds.setdefault(kind, {"steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0})
+                for key in total:
+                    total[key] += k[key]
+        if kinds:
+            row["by_kind"] = {kind: {"steps": k["steps"], "drafted": k["drafted"], "accepted": k["accepted"],
+                                     "accept_pct": 100 * k["accepted"] / k["drafted"] if k["drafted"] else None,
+                                     "draft_us_per_step": 1e6 * k["draft_s"] / k["steps"] if k["steps"] else 0.0}
+                              for kind, k in sorted(kinds.items())}
         steps, drafted, accepted = (sum(getattr(r, k) for r in rs) for k in ("n_steps", "n_drafted", "n_accepted"))
         if drafted:
             row["accept_pct"] = 100 * accepted / drafted
@@ -87,17 +103,26 @@ def summarize(runs: dict[str, list], baseline: str | None, references: dict[str,
 
 
 def table(dataset: str, summary: dict) -> str:
-    head = (f"{'system':22s} {'tok/s med':>9s} {'[min-max]':>13s} {'speedup':>8s} {'tau':>5s} {'acc%':>5s} "
-            f"{'ttft s':>6s} {'same%':>5s} {'draft|verify|link ms/step':>26s}")
+    head = (f"{'system':32s} {'tok/s med':>9s} {'[min-max]':>13s} {'speedup':>8s} {'vs llama':>8s} {'tau':>5s} "
+            f"{'acc%':>5s} {'ttft s':>6s} {'same%':>5s} {'draft|verify|link ms/step':>26s}")
     lines = [f"dataset: {dataset}", head, "-" * len(head)]
+    nan = float("nan")
     for name, r in summary.items():
-        split = (f"{r['draft_ms_per_step']:.0f}|{r['verify_ms_per_step']:.0f}|{r['link_ms_per_step']:.1f}"
+        split = (f"{r['draft_ms_per_step']:.1f}|{r['verify_ms_per_step']:.0f}|{r['link_ms_per_step']:.1f}"
                  if "verify_ms_per_step" in r else "-")
         lines.append(
-            f"{name:22s} {r['decode_tok_s_median']:9.2f} {r['decode_tok_s_min']:6.2f}-{r['decode_tok_s_max']:<6.2f} "
-            f"{r.get('speedup_vs_target_median', float('nan')):7.2f}x {r.get('tau', float('nan')):5.2f} "
-            f"{r.get('accept_pct', float('nan')):5.1f} {r['ttft_s_median']:6.2f} "
-            f"{(r.get('identical_pct') if r.get('identical_pct') is not None else float('nan')):5.0f} {split:>26s}")
+            f"{name:32s} {r['decode_tok_s_median']:9.2f} {r['decode_tok_s_min']:6.2f}-{r['decode_tok_s_max']:<6.2f} "
+            f"{r.get('speedup_vs_target_median', nan):7.2f}x {r.get('speedup_vs_llamacpp_median', nan):7.2f}x "
+            f"{r.get('tau', nan):5.2f} {r.get('accept_pct', nan):5.1f} {r['ttft_s_median']:6.2f} "
+            f"{(r.get('identical_pct') if r.get('identical_pct') is not None else nan):5.0f} {split:>26s}")
+    mixed = {n: r["by_kind"] for n, r in summary.items() if len(set(r.get("by_kind", {})) - {"none"}) > 1
+             or "ngram" in r.get("by_kind", {})}
+    if mixed:
+        lines.append("per draft kind (steps: drafted / accepted, draft time per step):")
+        for name, kinds in mixed.items():
+            lines.append(f"  {name:30s} " + "  ".join(
+                f"{kind} {k['steps']}: {k['drafted']}/{k['accepted']} {k['draft_us_per_step']:.0f}us"
+                for kind, k in kinds.items()))
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ class Run:
     n_accepted: int = 0
     n_steps: int = 0
     timings: dict = field(default_factory=dict)  # draft_s / verify_s / link_s per run
+    by_kind: dict = field(default_factory=dict)  # draft kind -> {steps, drafted, accepted, draft_s}
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -46,7 +47,8 @@ class DovetailSystem:
         out = self.client.generate(ids, n, temperature=temperature, seed=seed)
         st = out.stats
         return Run(out.token_ids, st.seconds, st.ttft_s, st.n_drafted, st.n_accepted, st.n_steps,
-                   {"draft_s": st.timings.draft_s, "verify_s": st.timings.verify_s, "link_s": st.timings.link_s})
+                   {"draft_s": st.timings.draft_s, "verify_s": st.timings.verify_s, "link_s": st.timings.link_s},
+                   {kind: vars(k).copy() for kind, k in st.by_kind.items()})
 
     def close(self) -> None:
         self.client.close()
@@ -96,12 +98,14 @@ class LlamaCppSystem:
     """llama.cpp on the same GGUF weights (a baseline, found in $DOVETAIL_HOME/llama.cpp).
 
     `llamacpp` runs llama-completion (target alone), `llamacpp-spec` llama-speculative-simple
-    with the same draft GGUF. Timings are llama.cpp's own (model load excluded). Its output is
+    with the same draft GGUF, `llamacpp-ngram:TYPE` llama-speculative-simple with no draft model and
+    ``--spec-type TYPE`` (its n-gram lookups: ngram-simple, ngram-map-k, ngram-mod, ngram-cache). Timings are llama.cpp's own (model load excluded). Its output is
     text: token ids come from re-tokenizing it, so the identical-output rate is text-based.
     """
 
-    def __init__(self, name: str, bin_dir, target_gguf, draft_gguf, tokenizer, threads: int, draft_max: int = 3):
-        self.name, self.bin_dir, self.tokenizer = name, bin_dir, tokenizer
+    def __init__(self, name: str, bin_dir, target_gguf, draft_gguf, tokenizer, threads: int, draft_max: int = 3,
+                 spec_type: str | None = None):
+        self.name, self.bin_dir, self.tokenizer, self.spec_type = name, bin_dir, tokenizer, spec_type
         self.target_gguf, self.draft_gguf, self.threads, self.draft_max = target_gguf, draft_gguf, threads, draft_max
 
     def generate(self, ids: list[int], n: int, temperature: float, seed: int) -> Run:
@@ -119,6 +123,8 @@ class LlamaCppSystem:
                   "--temp", str(temperature), "--seed", str(seed), "-c", "4096"]
         if self.name == "llamacpp":
             cmd = [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt", "--no-warmup"]
+        elif self.spec_type:  # llama.cpp's n-gram lookup, with its defaults for that type
+            cmd = [str(self.bin_dir / "llama-speculative-simple"), *common, "--spec-type", self.spec_type]
         else:
             cmd = [str(self.bin_dir / "llama-speculative-simple"), *common, "-md", str(self.draft_gguf),
                    "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
