@@ -48,7 +48,7 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
     g.add_argument("--max-sessions", type=int, default=16, help="draft sessions served at once (oldest idle one closed past it)")
 
 
-def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+def add_draft_options(p: argparse.ArgumentParser, model_required: bool, generation: bool = True) -> None:
     g = p.add_argument_group("draft")
     g.add_argument("-md", "--model-draft", required=model_required, default=None if model_required else store.DEFAULT_DRAFT,
                    help="the draft: a small LM with the target's tokenizer (short name, folder, .gguf or HF id), a "
@@ -78,6 +78,8 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool) -> None:
     g.add_argument("--lookup-max", type=int, default=d.lookup_max,
                    help=f"ngram drafts: longest context tail matched; longer matches are trusted more (default {d.lookup_max})")
 
+    if not generation:
+        return
     s = p.add_argument_group("generation")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="prompt text")
@@ -127,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the verifier as a child process on this host, generate, and shut both down.")
     add_verifier_options(p, model_required=False)
     add_draft_options(p, model_required=False)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) plus /health "
+                                   "and /metrics. Starts its verifier as a child process like `run` (or uses --verifier); "
+                                   "the draft loads once and every request shares it.",
+                       epilog="examples:\n  dovetail serve -md ngram --parallel 4\n"
+                              "  dovetail serve --verifier tcp://HOST_A:5557 -md qwen2.5-coder-0.5b --host 0.0.0.0 --api-key KEY\n"
+                              "  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                              "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stream\": true}'")
+    add_verifier_options(p, model_required=False)
+    add_draft_options(p, model_required=False, generation=False)
+    p.add_argument("--verifier", default=None, help="a running verifier's endpoint (default: start one as a child process)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--parallel", type=int, default=4, help="requests generating at once, one verifier session each (default 4)")
+    p.add_argument("--queue", type=int, default=64, help="requests waiting for a slot; past it 503 with Retry-After (default 64)")
+    p.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"),
+                   help="require Authorization: Bearer KEY on /v1/* (default: $DOVETAIL_API_KEY, else none)")
+    p.add_argument("--timeout", type=float, default=LinkConfig.timeout_s,
+                   help=f"seconds to wait for any verifier reply (default {LinkConfig.timeout_s:g})")
 
     p = sub.add_parser("bench", help="benchmark against the target alone and HF assisted generation",
                        description="Side-by-side tokens/s, speedup, tau, acceptance, TTFT and identical-output rate "
@@ -301,6 +324,34 @@ def cmd_run(args) -> int:
         return cmd_generate(args, child.endpoint)
 
 
+def cmd_serve(args) -> int:
+    from . import server
+    from .config import ServeConfig
+    from .drafter import model_part
+
+    home = dovetail_home()
+    if args.verifier is None:
+        store.resolve(args.model, home)  # a clear error before anything starts
+    if args.model_draft and model_part(args.model_draft):
+        store.resolve(model_part(args.model_draft), home)
+    extra = ["--engine", args.engine, "--ctx-size", str(args.ctx_size), "--dtype", args.dtype]
+    for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
+        if value is not None:
+            extra += [flag, str(value)]
+    config = ServeConfig(model=args.model, draft=args.model_draft, home=home, verifier=args.verifier,
+                         verifier_args=tuple(extra), host=args.host, port=args.port, parallel=args.parallel,
+                         queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
+                         draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
+                         device=resolve_draft_device(args.device_draft), timeout_s=args.timeout)
+    return server.run(config)
+
+
+def resolve_draft_device(device: str) -> str:
+    from .client import resolve_device
+
+    return resolve_device(device)
+
+
 def cmd_bench(args) -> int:
     from .bench import harness, report
 
@@ -372,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "models": cmd_models,
+    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "serve": cmd_serve, "models": cmd_models,
                 "bench": cmd_bench, "train-head": cmd_train_head}
     try:
         return commands[args.command](args)

@@ -17,7 +17,7 @@ import torch
 
 from . import store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
-from .drafter import Feedback, make_drafter, open_draft
+from .drafter import Feedback, make_drafter, open_draft, set_config
 from .ngram import Lookup
 from .protocol import Message, MsgType
 
@@ -130,6 +130,7 @@ class Client:
             self.conn.close()
             raise
         self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
+        self.drafter_config = draft_config
         if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
             self.tokenizer = _local_tokenizer(str(self.target.get("model")), home or dovetail_home())
         missing = self._missing_capability(draft_config)
@@ -182,6 +183,11 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def configure(self, config: DraftConfig) -> None:
+        """Draft settings for the generations that follow (a server request's own speculation settings)."""
+        self.drafter_config = config
+        set_config(self.drafter, config)
+
     # ---- generation ---------------------------------------------------------------------------
     def generate(
         self,
@@ -215,11 +221,12 @@ class Client:
         seed: int | None = None,
         stop_at_eos: bool = True,
         stats: GenerationStats | None = None,
+        max_draft: int | None = None,
     ) -> Iterator[list[int]]:
         """Speculative generation as a generator: yields each batch of tokens as the target accepts
-        them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs.
-        One generation at a time per Client (it owns one verifier session): starting another makes
-        the older generator raise."""
+        them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs;
+        ``max_draft`` caps the draft tokens per step (0: no drafting). One generation at a time per
+        Client (it owns one verifier session): starting another makes the older generator raise."""
         if not input_ids:
             raise ValueError("input_ids is empty: give at least one prompt token")
         if max_new_tokens < 1:
@@ -235,10 +242,10 @@ class Client:
         self._generation += 1
         stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
         return self._steps(list(input_ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
-                           self._generation)
+                           self._generation, 1 << 30 if max_draft is None else max_draft)
 
     def _steps(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
-               generation: int) -> Iterator[list[int]]:
+               generation: int, max_draft: int) -> Iterator[list[int]]:
         eos = set(self.target.get("eos", [])) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
@@ -262,7 +269,7 @@ class Client:
                 raise RuntimeError("another generation started on this Client: one at a time per Client (session)")
             # 1 draft: a chain or tree below the last committed token
             t1 = time.perf_counter()
-            draft = self.drafter.propose(committed, budget=left - 1)
+            draft = self.drafter.propose(committed, budget=min(left - 1, max_draft))
             t2 = time.perf_counter()
             # 2 send: the verifier runs root + draft in one forward and accepts losslessly
             reply = self._request(Message(MsgType.VERIFY, fields={

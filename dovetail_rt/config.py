@@ -93,3 +93,35 @@ class DraftConfig:
     @property
     def is_tree(self) -> bool:
         return (self.tree_top_k or 1) > 1
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`dovetail serve`: an OpenAI-compatible HTTP server in front of a verifier (its own child, or a
+    remote one), the draft loaded once and shared by every request."""
+
+    model: str  # the target: the verifier child's model, and the model id clients name
+    draft: str | None  # a draft spec for open_draft (None: the target alone)
+    home: Path
+    verifier: str | None = None  # a running verifier's endpoint; None: start one as a child process
+    verifier_args: tuple[str, ...] = ()  # extra `dovetail verifier` options for the child (--engine, -t, ...)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4  # requests generating at once (one verifier session each)
+    queue: int = 64  # requests waiting for a slot; past it: 503 with Retry-After
+    api_key: str | None = None
+    draft_config: DraftConfig = DraftConfig()
+    draft_engine: str = "auto"
+    draft_dtype: str = "auto"
+    device: str = "cpu"
+    timeout_s: float = LinkConfig.timeout_s
+
+    def __post_init__(self):
+        if not 1 <= self.parallel <= 256:
+            raise ValueError(f"--parallel must be 1..256, got {self.parallel}")
+        if self.queue < 0:
+            raise ValueError(f"--queue must be >= 0, got {self.queue}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key is empty")

@@ -6,30 +6,31 @@ from __future__ import annotations
 class IncrementalDetokenizer:
     """Feed generated ids; get back only the newly completed text.
 
-    Decodes a short window of recent ids and holds text back while it ends in U+FFFD (a
-    multi-byte character whose remaining bytes are still to come).
+    Each push decodes the ids since the last emitted batch together with that batch (its context: a
+    tokenizer may put a space or merge bytes at the boundary) and returns the difference; while the
+    text ends in U+FFFD (a multi-byte character whose remaining bytes are still to come) it holds back.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
-        self.prefix = 0  # ids before this index are fully emitted
-        self.emitted = ""  # text of ids[prefix:] already emitted
+        self.prefix = 0  # ids[prefix:read] were emitted last: the context of the next decode
+        self.read = 0  # ids before this index are emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.emitted) :]
-        if len(self.ids) - self.prefix > 32:  # slide the window forward at a clean point
-            self.prefix, self.emitted = len(self.ids), ""
-        else:
-            self.emitted = text
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
-        new = text[len(self.emitted) :]
-        self.prefix, self.emitted = len(self.ids), ""
-        return new
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if (text.endswith("\ufffd") and not final) or len(text) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]

@@ -222,6 +222,13 @@ class Chooser:
         return draft if len(draft) else self.model.propose(committed, budget)
 
 
+def set_config(drafter, config: DraftConfig) -> None:
+    """New draft settings for a drafter and, in a ``Chooser``, both of its kinds."""
+    for part in (drafter, getattr(drafter, "lookup", None), getattr(drafter, "model", None)):
+        if hasattr(part, "config"):
+            part.config = config
+
+
 LOOKUP = "ngram"  # -md ngram, -md ngram+DRAFT
 
 

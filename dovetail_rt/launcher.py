@@ -12,22 +12,32 @@ class VerifierChild:
     """The verifier in a child process listening on a free 127.0.0.1 port.
 
     The child reports its endpoint through a pipe once it listens (no sleeps, no polling), and
-    dies with its parent (PR_SET_PDEATHSIG + a parent check), so nothing is left orphaned.
+    dies with its parent (PR_SET_PDEATHSIG + a parent check), so nothing is left orphaned. The
+    death signal follows the *thread* that started the child: start it from a thread that lives as
+    long as it should (``wait=False`` starts it and returns; ``wait_ready()`` then blocks elsewhere).
     """
 
-    def __init__(self, model: str, dtype: str = "auto", extra: list[str] | None = None, env: dict | None = None):
+    def __init__(self, model: str, dtype: str = "auto", extra: list[str] | None = None, env: dict | None = None,
+                 wait: bool = True):
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", model, "--dtype", dtype,
                "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "--exit-with-parent", *(extra or [])]
         self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env)
         os.close(write_fd)
-        with os.fdopen(read_fd) as ready:
+        self.ready_fd, self.endpoint, self.target = read_fd, "", {}
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "VerifierChild":
+        """Block until the child listens (its endpoint and what it runs), or raise if it exited first."""
+        with os.fdopen(self.ready_fd) as ready:
             self.endpoint = ready.readline().strip()
             line = ready.readline().strip()
         self.target = json.loads(line) if line else {}  # engine, weight format and file it runs
         if not self.endpoint:
             code = self.proc.wait()
             raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages above")
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,386 @@
+"""`dovetail serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of a verifier.
+
+    POST /v1/chat/completions   POST /v1/completions   (streaming: SSE, then data: [DONE])
+    GET  /v1/models   GET /health (503 while loading or when the verifier is gone)   GET /metrics
+
+Why FastAPI + uvicorn: the OpenAI client, llama.cpp's and vLLM's servers all speak plain HTTP + SSE,
+and FastAPI gives request validation (pydantic) and streaming responses on one asyncio loop; what
+blocks (a verifier round trip, a draft forward) runs in one worker thread per running request.
+
+Concurrency: ``--parallel`` Clients (each one verifier session, all sharing the one opened draft
+model and, for lookup drafts, one index of earlier outputs) are a pool; a request takes one, or
+waits in a queue of at most ``--queue`` requests (past it: 503 with Retry-After). A client that
+disconnects stops its generation after the step in flight, and its session serves the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from . import openai_api as api
+from .config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    def __init__(self, message: str, status: int = 503, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class Metrics:
+    """Prometheus counters, gauges and histograms (vLLM's and llama.cpp's names, prefix ``dovetail:``)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.prompt_tokens = Counter("dovetail:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("dovetail:generation_tokens", "Tokens generated", registry=r)
+        self.drafts = Counter("dovetail:spec_decode_num_drafts", "Verification steps that had a draft", registry=r)
+        self.draft_tokens = Counter("dovetail:spec_decode_num_draft_tokens", "Draft tokens sent", registry=r)
+        self.accepted_tokens = Counter("dovetail:spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.accepted_per_pos = Counter("dovetail:spec_decode_num_accepted_tokens_per_pos",
+                                        "Draft tokens accepted, by draft position (0 = first)", ["position"], registry=r)
+        self.success = Counter("dovetail:requests_success", "Finished requests", ["finished_reason"], registry=r)
+        self.running = Gauge("dovetail:requests_running", "Requests generating", registry=r)
+        self.waiting = Gauge("dovetail:requests_waiting", "Requests waiting for a slot", registry=r)
+        self.ttft = Histogram("dovetail:time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+        self.per_token = Histogram("dovetail:time_per_output_token_seconds", "Decode time per generated token",
+                                   registry=r, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
+        self.verify = Histogram("dovetail:verify_pass_seconds", "One verifier pass, by sessions in the pass",
+                                ["batch"], registry=r, buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
+
+    def step(self, before: tuple, stats) -> tuple:
+        """Count one verification step from the stats before and after it."""
+        n_steps, n_drafted, n_accepted, verify_s = before
+        drafted, accepted = stats.n_drafted - n_drafted, stats.n_accepted - n_accepted
+        if stats.n_steps > n_steps:
+            self.verify.labels(batch="1").observe(stats.timings.verify_s - verify_s)
+            if drafted:
+                self.drafts.inc()
+                self.draft_tokens.inc(drafted)
+                self.accepted_tokens.inc(accepted)
+                for pos in range(accepted):
+                    self.accepted_per_pos.labels(position=str(pos)).inc()
+        return snapshot(stats)
+
+
+def snapshot(stats) -> tuple:
+    return stats.n_steps, stats.n_drafted, stats.n_accepted, stats.timings.verify_s
+
+
+class Backend:
+    """The verifier (child or remote), the shared draft and the pool of Clients."""
+
+    def __init__(self, config: ServeConfig, metrics: Metrics):
+        self.config, self.metrics = config, metrics
+        self.state, self.problem = "loading", "the models are loading"
+        self.child, self.clients, self.free = None, [], None
+        self.tokenizer, self.model_id, self.max_positions = None, config.model, 1 << 30
+        self.waiting = 0
+
+    def start(self) -> None:
+        """In the thread that lives as long as the server (the verifier child dies with it): start the
+        verifier child, without waiting for it."""
+        from .launcher import VerifierChild
+
+        if self.config.verifier is None:
+            self.child = VerifierChild(self.config.model, "auto", ["--max-sessions", str(self.config.parallel + 1),
+                                                                   *self.config.verifier_args], wait=False)
+
+    def load(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
+        from . import store
+        from .client import Client
+        from .drafter import open_draft
+
+        cfg = self.config
+        try:
+            endpoint = cfg.verifier or self.child.wait_ready().endpoint
+            draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine)
+            for _ in range(cfg.parallel):
+                self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
+                                           draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home))
+            first = self.clients[0]
+            self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
+            if self.tokenizer is None:
+                raise RuntimeError(f"no tokenizer for {cfg.model}: the server needs one for text")
+            self.model_id = str(first.target.get("model") or cfg.model)
+            self.max_positions = min(int(first.target.get("max_positions", 1 << 30)), first.drafter.max_positions)
+        except Exception as exc:  # the server stays up and says why on /health
+            log.exception("loading failed")
+            self.state, self.problem = "failed", f"loading failed: {exc}"
+            return
+        self.free = asyncio.Queue()
+        for c in self.clients:
+            loop.call_soon_threadsafe(self.free.put_nowait, c)
+        self.state, self.problem = "ready", ""
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` unless ready (and the verifier child alive)."""
+        if self.state == "ready" and self.child is not None and self.child.proc.poll() is not None:
+            self.state, self.problem = "failed", f"the verifier process exited (code {self.child.proc.returncode})"
+        if self.state != "ready":
+            raise Unavailable(self.problem)
+
+    async def acquire(self):
+        self.check()
+        if self.free.empty() and self.waiting >= self.config.queue:
+            raise Unavailable(f"the server is busy: {self.config.parallel} requests running and {self.waiting} waiting; "
+                              "retry later", retry_after=1)
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        try:
+            return await self.free.get()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.set(self.waiting)
+
+    def close(self) -> None:
+        for c in self.clients:
+            try:
+                c.close()
+            except Exception:  # closing on the way out: a dead link must not stop the rest
+                log.debug("closing a session failed", exc_info=True)
+        if self.child is not None:
+            self.child.stop()
+
+
+class Generation:
+    """One request's generation: a worker thread steps the Client's generator and hands each batch of
+    accepted tokens to the event loop; ``cancel`` stops it after the step in flight."""
+
+    def __init__(self, backend: Backend, client, ids: list[int], req, loop: asyncio.AbstractEventLoop):
+        from .client import GenerationStats
+
+        self.backend, self.client, self.loop = backend, client, loop
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        self.stats = GenerationStats(n_prompt=len(ids))
+        left = backend.max_positions - len(ids)
+        if left < 1:
+            raise ValueError(f"the prompt has {len(ids)} tokens and the context holds {backend.max_positions}")
+        self.max_new = min(req.limit() or left, left)
+        spec = req.speculative
+        self.max_draft = spec.n_max if spec and spec.n_max is not None else None
+        self.args = (ids, self.max_new, req.temperature, req.top_k, req.top_p, req.seed)
+        self.config = client.drafter_config
+        if spec and (spec.n_min is not None or spec.p_min is not None):
+            self.config = replace(self.config, draft_min=min(spec.n_min or 0, self.config.draft_max),
+                                  p_min=self.config.p_min if spec.p_min is None else spec.p_min)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="dovetail-generation")
+        self.thread.start()
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def _run(self) -> None:
+        metrics, stats = self.backend.metrics, self.stats
+        self.client.configure(self.config)
+        try:
+            ids, n, temperature, top_k, top_p, seed = self.args
+            before = snapshot(stats)
+            stream = self.client.stream(ids, n, temperature, top_k, top_p, seed, True, stats, self.max_draft)
+            for tokens in stream:
+                before = metrics.step(before, stats)
+                self._put(("tokens", tokens))
+                if self.cancel.is_set():
+                    stream.close()
+                    break
+            self._put(("done", None))
+        except Exception as exc:  # a dead verifier, a refused request: the response says so
+            from .transport import LinkError
+
+            if isinstance(exc, LinkError):
+                self.backend.state, self.backend.problem = "failed", f"the verifier is unreachable: {exc}"
+            log.warning("generation failed: %s", exc)
+            self._put(("error", exc))
+        finally:
+            self.client.configure(self.backend.config.draft_config)
+            metrics.prompt_tokens.inc(stats.n_prompt)
+            metrics.generation_tokens.inc(stats.n_generated)
+            if stats.n_generated:
+                metrics.ttft.observe(stats.ttft_s)
+            if stats.n_generated > 1:
+                metrics.per_token.observe((stats.seconds - stats.ttft_s) / (stats.n_generated - 1))
+            self.loop.call_soon_threadsafe(self.backend.free.put_nowait, self.client)  # the session serves the next
+
+    async def events(self, stops: list[str]):
+        """(text, finish_reason or None) as the tokens come: text never splits a UTF-8 character or
+        shows a stop string; the last event has the finish reason."""
+        from .detok import IncrementalDetokenizer
+
+        detok, finder = IncrementalDetokenizer(self.backend.tokenizer), api.StopFinder(stops)
+        eos = set(self.client.target.get("eos", []))
+        last = None
+        while True:
+            kind, value = await self.out.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                break
+            last = value[-1]
+            text = finder.push(detok.push(value))
+            if finder.stopped:
+                self.cancel.set()
+                yield text, "stop"
+                return
+            if text:
+                yield text, None
+        text = finder.push(detok.flush())
+        if finder.stopped:
+            yield text, "stop"
+            return
+        yield text + finder.flush(), "stop" if last in eos or self.stats.n_generated < self.max_new else "length"
+
+
+def encode(backend: Backend, req) -> list[int]:
+    tok = backend.tokenizer
+    if isinstance(req, api.ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    if isinstance(req.prompt, list):
+        return list(req.prompt)
+    return tok(req.prompt, add_special_tokens=False)["input_ids"]
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    metrics = Metrics()
+    backend = Backend(config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        backend.start()
+        loader = threading.Thread(target=backend.load, args=(loop,), daemon=True, name="dovetail-load")
+        loader.start()  # /health answers 503 until it is done
+        yield
+        await asyncio.to_thread(backend.close)
+
+    app = FastAPI(title="dovetail_rt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.backend = backend
+
+    def fail(status: int, message: str, kind: str = "invalid_request_error", param=None, headers=None) -> JSONResponse:
+        return JSONResponse(api.error(message, kind, status, param), status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, field = api.validation_message(exc.errors())
+        return fail(400, message, param=field)
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return fail(exc.status, str(exc), "unavailable_error", headers=headers)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+                return fail(401, "invalid or missing API key: send Authorization: Bearer KEY", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        try:
+            backend.check()
+        except Unavailable as exc:
+            return fail(503, str(exc), "unavailable_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        backend.check()
+        return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": 0,
+                                            "owned_by": "dovetail_rt"}]}
+
+    async def complete(req, chat: bool):
+        backend.check()
+        if req.model and req.model not in (backend.model_id, config.model):
+            return fail(404, f"the model '{req.model}' does not exist: this server serves '{backend.model_id}'",
+                        param="model", kind="invalid_request_error")
+        try:
+            ids = await asyncio.to_thread(encode, backend, req)
+        except (ValueError, TypeError) as exc:
+            return fail(400, str(exc), param="messages" if chat else "prompt")
+        client = await backend.acquire()
+        metrics.running.inc()
+        try:
+            gen = Generation(backend, client, ids, req, asyncio.get_running_loop())
+        except ValueError as exc:
+            metrics.running.dec()
+            backend.free.put_nowait(client)
+            return fail(400, str(exc), param="messages" if chat else "prompt")
+        reply = api.Reply(chat, backend.model_id)
+        if req.stream:
+            return StreamingResponse(stream(gen, req, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, finish = [], None
+        try:
+            async for piece, finish in gen.events(req.stops()):
+                text.append(piece)
+        except Exception as exc:
+            return fail(500, f"generation failed: {exc}", "server_error")
+        finally:
+            metrics.running.dec()
+        metrics.success.labels(finished_reason=finish).inc()
+        return reply.whole("".join(text), finish, gen.stats)
+
+    async def stream(gen: Generation, req, reply: api.Reply):
+        first, finish = reply.chat, None
+        try:
+            if first:
+                yield reply.chunk(first=True)
+            async for piece, finish in gen.events(req.stops()):
+                if piece:
+                    yield reply.chunk(piece)
+            yield reply.chunk(finish=finish, stats=gen.stats)
+            if req.stream_options and req.stream_options.include_usage:
+                yield reply.usage_chunk(gen.stats)
+            metrics.success.labels(finished_reason=finish).inc()
+        except Exception as exc:  # the verifier died mid-stream: an error event ends the stream
+            yield api.sse(api.error(f"generation failed: {exc}", "server_error", 500))
+        finally:
+            gen.cancel.set()  # a client that went away: stop after the step in flight
+            metrics.running.dec()
+        yield api.DONE
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: api.ChatRequest):
+        return await complete(req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: api.CompletionRequest):
+        return await complete(req, chat=False)
+
+    return app
+
+
+def run(config: ServeConfig) -> int:
+    import uvicorn
+
+    app = create_app(config)
+    print(f"dovetail serve: http://{config.host}:{config.port}  (OpenAI API at /v1; /health is 503 until the models "
+          f"load; {config.parallel} parallel, {config.queue} queued{', API key required' if config.api_key else ''})",
+          flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

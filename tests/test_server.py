@@ -1,0 +1,292 @@
+"""`dovetail serve` as a real process on 127.0.0.1, driven by the official `openai` client and raw HTTP:
+endpoints, error codes, SSE framing, usage and timings, /health while loading, metrics, the queue
+bound, cancel on disconnect, and outputs equal to the target's own greedy decode."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from dovetail_rt import lm  # noqa: E402
+
+from conftest import ROOT, engine_greedy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
+
+KEY = "test-key"
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}w1"  # a tiny chat template: the turns, then w1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dovetail_rt.cli", "serve", "-m", str(model_dir), "--port", str(self.port),
+             "-t", "1", "--dtype", "float32", *extra], env=env, stdin=subprocess.DEVNULL)
+        self.health = []  # every /health status seen while starting
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dovetail serve exited with {self.proc.returncode}")
+            try:
+                status, body = get(self.url + "/health")
+                self.health.append((status, body))
+                if status == 200:
+                    return
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.05)
+        raise TimeoutError("dovetail serve never became ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def get(url: str, key: str | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read().decode()
+            return r.status, json.loads(body) if "json" in r.headers.get("content-type", "") else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def post(url: str, body: dict, key: str | None = KEY) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read().decode())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    return save_model(tiny_target(0, sharpen=30), tok, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = Server(model_dir, "-md", "ngram", "--parallel", "2", "--queue", "1", "--api-key", KEY, "--engine", "torch")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def target(model_dir):
+    return lm.open_lm(str(model_dir), Path("."), "torch", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def expected_text(target, prompt_ids: list[int], n: int) -> tuple[str, list[int]]:
+    ids = engine_greedy(target, prompt_ids, n)
+    return tiny_tokenizer().decode(ids, skip_special_tokens=True), ids
+
+
+def chat_ids(text: str) -> list[int]:
+    tok = tiny_tokenizer()
+    return tok(text + " w1", add_special_tokens=False)["input_ids"]  # what TEMPLATE makes of one user turn
+
+
+@pytest.mark.timeout(180)
+def test_health_is_503_with_an_error_body_while_loading(server):
+    loading = [body for status, body in server.health if status == 503]
+    assert loading, f"/health was never seen loading: {server.health[:3]}"
+    assert loading[0]["error"]["type"] == "unavailable_error" and "load" in loading[0]["error"]["message"]
+    assert get(server.url + "/health") == (200, {"status": "ok"})
+
+
+@pytest.mark.timeout(120)
+def test_chat_completion_equals_the_target_greedy_output(client, target):
+    text = "w5 w7 w9 w11 w5 w7 w9 w11 w5 w7"
+    out = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, max_tokens=24,
+                                         messages=[{"role": "user", "content": text}])
+    want, ids = expected_text(target, chat_ids(text), 24)
+    assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == len(chat_ids(text))
+    timings = out.model_extra["timings"]
+    assert timings["predicted_n"] == 24 and timings["prompt_n"] == out.usage.prompt_tokens
+    assert {"prompt_ms", "predicted_ms", "predicted_per_second", "draft_n", "draft_n_accepted", "tau"} <= set(timings)
+
+
+@pytest.mark.timeout(120)
+def test_streamed_chat_has_the_role_first_then_text_finish_usage(client, target):
+    text = "w3 w4 w5 w3 w4 w5 w3 w4"
+    chunks = list(client.chat.completions.create(
+        model=client.models.list().data[0].id, temperature=0,
+        max_tokens=20, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": text}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected_text(target, chat_ids(text), 20)[0]
+
+
+@pytest.mark.timeout(120)
+def test_sse_framing_ends_with_done(server):
+    status, headers, body = post(server.url + "/v1/completions", {"prompt": "w8 w9 w10", "max_tokens": 5, "stream": True,
+                                                                  "temperature": 0})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = body.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ") and json.loads(event[6:])["object"] == "text_completion"
+
+
+@pytest.mark.timeout(120)
+def test_completion_stops_at_a_stop_string_that_never_reaches_the_client(client, target):
+    tok = tiny_tokenizer()
+    prompt = "w5 w7 w9 w11"
+    full, _ = expected_text(target, tok(prompt, add_special_tokens=False)["input_ids"], 30)
+    stop = " ".join(full.split()[3:5])  # the 4th and 5th words: a stop string across two tokens
+    for stream in (False, True):
+        if stream:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model=client.models.list().data[0].id, prompt=prompt, max_tokens=30, temperature=0, stop=[stop],
+                stream=True))
+        else:
+            out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=30,
+                                            temperature=0, stop=stop)
+            text = out.choices[0].text
+            assert out.choices[0].finish_reason == "stop"
+        assert text == full[: full.index(stop)], f"stream={stream}"
+
+
+@pytest.mark.timeout(60)
+def test_errors_are_openai_error_objects(server, client):
+    url = server.url + "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "w2"}]
+    status, _, body = post(url, {"messages": msgs, "n": 2})
+    assert status == 400 and body["error"]["param"] == "n" and "n = 1" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "tools": []})
+    assert status == 400 and "'tools' is not a supported field" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "model": "gpt-4"})
+    assert status == 404 and "gpt-4" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs}, key="wrong")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, _, body = post(url, {"messages": []})
+    assert status == 400 and body["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, top_p=0)
+
+
+@pytest.mark.timeout(60)
+def test_models_and_metrics(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [models.data[0].id] and models.data[0].id
+    _, before = get(server.url + "/metrics")
+    client.completions.create(model=models.data[0].id, prompt="w4 w5 w6 w4 w5 w6 w4 w5", max_tokens=12, temperature=0)
+    _, after = get(server.url + "/metrics")
+
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    assert value(after, "dovetail:generation_tokens_total") - value(before, "dovetail:generation_tokens_total") == 12
+    assert value(after, "dovetail:prompt_tokens_total") - value(before, "dovetail:prompt_tokens_total") == 8
+    assert value(after, "dovetail:requests_success_total") == value(before, "dovetail:requests_success_total") + 1
+    for name in ("dovetail:requests_running", "dovetail:requests_waiting", "dovetail:time_to_first_token_seconds_count",
+                 "dovetail:spec_decode_num_draft_tokens_total", "dovetail:verify_pass_seconds_count"):
+        assert name in after
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_requests_each_get_their_solo_output_and_the_queue_bound_gives_503(server, target):
+    """--parallel 2 --queue 1: of 5 requests at once, 2 run, 1 waits, 2 are refused with 503 + Retry-After;
+    every one served equals the target's greedy output for its prompt."""
+    tok = tiny_tokenizer()
+    prompts = [f"w{a} w{a + 1} w{a + 2}" for a in (10, 20, 30, 40, 50)]
+    results = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def one(i):
+        start.wait()
+        results[i] = post(server.url + "/v1/completions", {"prompt": prompts[i], "max_tokens": 200, "temperature": 0,
+                                                             "speculative": {"n_max": 0}})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    served = [i for i, r in enumerate(results) if r[0] == 200]
+    refused = [i for i, r in enumerate(results) if r[0] == 503]
+    assert len(served) >= 3 and len(served) + len(refused) == len(prompts), [r[0] for r in results]
+    for i in refused:
+        assert results[i][1].get("retry-after") == "1" and results[i][2]["error"]["type"] == "unavailable_error"
+    for i in served:
+        body = json.loads(results[i][2])
+        ids = tok(prompts[i], add_special_tokens=False)["input_ids"]
+        assert body["choices"][0]["text"] == expected_text(target, ids, 200)[0]
+        assert body["timings"]["draft_n"] == 0  # speculative.n_max = 0: drafting off
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_disconnects_frees_its_slot(server):
+    """Both slots taken by streams that are dropped after their first event: the generations stop,
+    and a third request is served at once instead of waiting for 400 tokens each."""
+    import http.client
+
+    def _metric(name):
+        return sum(float(line.split()[-1]) for line in get(server.url + "/metrics")[1].splitlines()
+                   if line.startswith(name + " "))
+
+    before = _metric("dovetail:generation_tokens_total")
+    conns = []
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "w5 w6", "max_tokens": 400, "stream": True,
+                                                            "speculative": {"n_max": 0}, "temperature": 0}),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        conns.append(conn)
+    for conn in conns:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    status, _, body = post(server.url + "/v1/completions", {"prompt": "w7", "max_tokens": 3, "temperature": 0})
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while _metric("dovetail:requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric("dovetail:requests_running") == 0
+    assert _metric("dovetail:generation_tokens_total") - before < 2 * 400, "the dropped streams ran to the end"
