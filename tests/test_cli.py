@@ -52,6 +52,24 @@ def test_run_json_equals_streamed_run(pair):
     assert re.search(r"per step  = draft [\d.]+ ms \| verify [\d.]+ ms \| link [\d.]+ ms", res.stderr)
 
 
+@pytest.mark.timeout(180)
+def test_run_with_lookup_drafts_reports_them_per_kind(pair):
+    """-md ngram: no draft model; the target's tokenizer from the verifier's files; drafts split per kind."""
+    target, _ = pair
+    prompt = " ".join(f"w{i}" for i in (5, 6, 7, 8, 9) * 4)  # repeats itself: the lookup drafts
+    common = ["run", "-m", str(target), "-md", "ngram", "--dtype", "float32", "-t", "1", "--prompt", prompt,
+              "-n", "24", "--no-cost-model"]
+    res = dovetail(*common, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["n_generated"] == 24 and out["by_kind"]["ngram"]["drafted"] == out["n_drafted"] > 0
+    assert out["by_kind"]["ngram"]["accepted"] == out["n_accepted"]
+    res = dovetail(*common)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == out["text"].strip()
+    assert re.search(r"^  ngram\s+\d+ steps: drafted \d+, accepted \d+.*draft \d+ us/step", res.stderr, re.M)
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_both_processes(pair):
     target, draft = pair

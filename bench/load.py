@@ -1,0 +1,134 @@
+"""Load bench of `dovetail serve`: N concurrent streaming clients (the official `openai` client) on the
+bench's prompts, for each N: aggregate tokens/s, time to first token p50 / p99, tokens/s per stream,
+and lost or failed requests. A human table, then one JSON line.
+
+    python bench/load.py [--streams 1,2,4,8,16] [--requests-per-stream 2] [-n 64] [--dataset humaneval]
+                         [-m TARGET] [-md DRAFT] [--parallel 16] [--url http://127.0.0.1:8080 (a running server)]
+
+Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child) and stops it after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"dovetail serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("dovetail serve never became ready")
+
+
+def one_stream(client, model: str, prompts: list[str], n: int, out: list) -> None:
+    """Send ``prompts`` one after another, streaming; record (ttft, tokens, seconds) or the failure."""
+    for text in prompts:
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        try:
+            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                    max_tokens=n, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content and first is None:
+                    first = time.perf_counter() - t0
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            out.append({"ttft": first or 0.0, "tokens": tokens, "seconds": time.perf_counter() - t0})
+        except Exception as exc:  # counted, not raised: a load bench reports failures
+            out.append({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def level(client, model: str, prompts: list[str], streams: int, per_stream: int, n: int) -> dict:
+    results: list = []
+    work = [[prompts[(s * per_stream + i) % len(prompts)] for i in range(per_stream)] for s in range(streams)]
+    threads = [threading.Thread(target=one_stream, args=(client, model, w, n, results)) for w in work]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    ttfts = sorted(r["ttft"] for r in ok)
+    return {"streams": streams, "requests": len(work) * per_stream, "ok": len(ok),
+            "failed": len(results) - len(ok), "lost": len(work) * per_stream - len(results),
+            "aggregate_tok_s": sum(r["tokens"] for r in ok) / wall if wall else 0.0,
+            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+            "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
+            "per_stream_tok_s_median": statistics.median([r["tokens"] / r["seconds"] for r in ok]) if ok else 0.0,
+            "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", default="1,2,4,8,16")
+    p.add_argument("--requests-per-stream", type=int, default=2)
+    p.add_argument("-n", type=int, default=64, help="max_tokens per request")
+    p.add_argument("--dataset", default="humaneval")
+    p.add_argument("-m", "--model", default=None)
+    p.add_argument("-md", "--model-draft", default="ngram")
+    p.add_argument("--parallel", type=int, default=16)
+    p.add_argument("--url", default=None, help="a running server (else one is started)")
+    args = p.parse_args()
+
+    from openai import OpenAI
+
+    from dovetail_rt import data
+
+    prompts = [x.text for x in data.load(args.dataset)]
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "dovetail_rt.cli", "serve", "--port", str(port), "--parallel", str(args.parallel),
+               "-md", args.model_draft, *(["-m", args.model] if args.model else [])]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        wait_ready(url, proc)
+        client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("DOVETAIL_API_KEY", "none"), max_retries=0,
+                        timeout=1800)
+        model = client.models.list().data[0].id
+        level(client, model, prompts[:1], 1, 1, 4)  # warm-up, not measured
+        rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n) for s in args.streams.split(",")]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"{'streams':>7s} {'ok':>4s} {'fail':>4s} {'lost':>4s} {'agg tok/s':>9s} {'x one':>6s} {'ttft p50':>8s} "
+          f"{'ttft p99':>8s} {'tok/s/stream':>12s}")
+    base = rows[0]["aggregate_tok_s"] or 1.0
+    for r in rows:
+        print(f"{r['streams']:7d} {r['ok']:4d} {r['failed']:4d} {r['lost']:4d} {r['aggregate_tok_s']:9.2f} "
+              f"{r['aggregate_tok_s'] / base:5.2f}x {r['ttft_p50_s'] or 0:8.2f} {r['ttft_p99_s'] or 0:8.2f} "
+              f"{r['per_stream_tok_s_median']:12.2f}")
+    print(json.dumps({"url": url, "draft": args.model_draft, "n": args.n, "dataset": args.dataset, "levels": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
