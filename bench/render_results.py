@@ -28,7 +28,9 @@ def bench_section(res: dict, name: str) -> list[str]:
     for row in (r for r in res.get("rows", {}).values() if "tree_tokens" in r):
         shapes.setdefault(row["draft"], set()).add(tuple(row.get(k) for k in ("top_k", "depth", "tree_tokens")))
     both = {r.get("cost_model") for r in res.get("rows", {}).values()} == {True, False}
-    kind = ("Cost model on vs off (the same shapes, sized by the cost model or fixed)" if both else
+    lookup = any(r.get("lookup") for r in res.get("rows", {}).values())
+    kind = ("Lookup drafts (n-gram) against llama.cpp alone and its n-gram modes" if lookup else
+            "Cost model on vs off (the same shapes, sized by the cost model or fixed)" if both else
             "Tree sweep: draft heads against the 0.5B draft" if any(len(v) > 1 for v in shapes.values()) else "Side by side")
     commit = f" at commit {res['commit']}" if res.get("commit") else ""
     engines = ", ".join(f"{e} {w.get('format')}" for e, w in res.get("engines", {}).items())
@@ -41,9 +43,12 @@ def bench_section(res: dict, name: str) -> list[str]:
               if res.get("engines") else f"target dtype {m['target_dtype']}")
            + f"; greedy {res['temperature'] == 0}, {res['n_new_tokens']} new tokens per prompt.", ""]
     for name, d in res["datasets"].items():
+        vs_llama = any("speedup_vs_llamacpp_median" in r for r in d["summary"].values())
         out += [f"### {name} ({len(d['prompts'])} prompts; identical-output reference: `{d['identical_reference']}`)", "",
-                "| system | decode tok/s median [min-max] | speedup vs target (median per prompt) | tau | accept % | TTFT s | identical % | draft / verify / link ms per step |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| system | decode tok/s median [min-max] | speedup vs target (median per prompt) | "
+                + ("vs llamacpp (median per prompt) | " if vs_llama else "")
+                + "tau | accept % | TTFT s | identical % | draft / verify / link ms per step |",
+                "|---|---|---|---|---|---|---|---|" + ("---|" if vs_llama else "")]
         for sys_name, r in d["summary"].items():
             split = (f"{r['draft_ms_per_step']:.0f} / {r['verify_ms_per_step']:.0f} / {r['link_ms_per_step']:.1f}"
                      if "verify_ms_per_step" in r else "-")
@@ -51,10 +56,17 @@ def bench_section(res: dict, name: str) -> list[str]:
             acc = f"{r['accept_pct']:.1f}" if "accept_pct" in r else "-"
             same = f"{r['identical_pct']:.0f}" if r.get("identical_pct") is not None else "-"
             sp = r.get("speedup_vs_target_median")
+            vl = (f"{r['speedup_vs_llamacpp_median']:.2f}x | " if "speedup_vs_llamacpp_median" in r else "- | ") if vs_llama else ""
             out.append(f"| {sys_name} | {r['decode_tok_s_median']:.2f} [{r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}] | "
-                       f"{sp:.2f}x | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |" if sp is not None else
-                       f"| {sys_name} | {r['decode_tok_s_median']:.2f} | - | {tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |")
+                       f"{sp:.2f}x | {vl}{tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |" if sp is not None else
+                       f"| {sys_name} | {r['decode_tok_s_median']:.2f} | - | {vl}{tau} | {acc} | {r['ttft_s_median']:.2f} | {same} | {split} |")
         out.append("")
+        kinds = {n: r["by_kind"] for n, r in d["summary"].items() if "ngram" in r.get("by_kind", {})}
+        if kinds:
+            out += ["Per draft kind (steps; drafted / accepted tokens; draft time per step; `none`: steps that drafted nothing):", ""]
+            out += [f"- {n}: " + "; ".join(f"{kind} {k['steps']} steps, {k['drafted']} / {k['accepted']}, "
+                                           f"{k['draft_us_per_step']:.0f} us" for kind, k in ks.items()) for n, ks in kinds.items()]
+            out.append("")
         diverged = {n: r["divergences"] for n, r in d["summary"].items() if r.get("divergences")}
         if diverged:
             out += ["First divergences from the row's engine decoding one token at a time (position in the output, "

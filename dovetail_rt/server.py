@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   POST /v1/completions   (streaming: SSE, then data: [DONE])
     GET  /v1/models   GET /health (503 while loading or when the verifier is gone)   GET /metrics
+    GET  /   a chat page (static, no build step) that shows tokens/s, tau and acceptance per reply
 
 Why FastAPI + uvicorn: the OpenAI client, llama.cpp's and vLLM's servers all speak plain HTTP + SSE,
 and FastAPI gives request validation (pydantic) and streaming responses on one asyncio loop; what
@@ -18,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import openai_api as api
 from .config import ServeConfig
@@ -292,6 +293,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
                 return fail(401, "invalid or missing API key: send Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        """A chat page: streams a conversation, shows tokens/s, tau and acceptance under each reply."""
+        return HTMLResponse((Path(__file__).parent / "static" / "chat.html").read_text())
 
     @app.get("/health")
     async def health():

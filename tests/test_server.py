@@ -5,6 +5,7 @@ bound, cancel on disconnect, and outputs equal to the target's own greedy decode
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -290,3 +291,37 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         time.sleep(0.05)
     assert _metric("dovetail:requests_running") == 0
     assert _metric("dovetail:generation_tokens_total") - before < 2 * 400, "the dropped streams ran to the end"
+
+
+@pytest.mark.timeout(180)
+def test_chat_page_streams_a_reply_in_a_real_browser(server, target, tmp_path):
+    """The page at / in headless Chromium (Debian's, installed by `setup.sh --dev`, driven by Playwright):
+    a turn typed and sent with Enter streams the target's greedy reply, and the line under it shows
+    tok/s, tau and acceptance. The screenshot is saved beside the test's temporary files."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium: `bash launch/setup.sh --dev` installs Debian's chromium")
+    text = "w5 w7 w9 w5 w7 w9"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(server.url + "/")
+            page.fill("#key", KEY)
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            page.wait_for_selector(".stats:not(:empty)", timeout=120_000)
+            reply, stats = page.inner_text(".turn.assistant"), page.inner_text(".stats")
+            shot = tmp_path / "chat-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert reply == expected_text(target, chat_ids(text), 512 - len(chat_ids(text)))[0]
+    assert re.fullmatch(r"\d+ tokens, [\d.]+ tok/s, tau [\d.]+, acceptance (\d+%|-) \(\d+/\d+ drafted\), .*", stats), stats
+    assert shot.stat().st_size > 5000
+    print(f"chat page screenshot: {shot}")

@@ -202,11 +202,13 @@ def run(args, home: Path) -> dict:
 
 def greedy_references(runs: dict, engine_of: dict[str, str], suffix: dict[str, str]) -> dict[str, dict[int, list[int]]]:
     """Which output each row must equal: a dovetail row its own engine's `target` row (that engine
-    decoding one token at a time from the same file); other rows (hf, llama.cpp's binaries) the first
-    engine's target, or `hf` without a target row."""
+    decoding one token at a time from the same file); `hf` rows the first engine's target, or `hf`
+    without a target row. llama.cpp's binaries print text, which re-tokenizes differently: no reference."""
     first = "target" if "target" in runs else ("hf" if "hf" in runs else None)
     refs = {}
     for name in runs:
+        if name.startswith("llamacpp"):  # text out, re-tokenized: not comparable token for token
+            continue
         ref = f"target{suffix[engine_of[name]]}" if name in engine_of else first
         if ref in runs and ref != name:
             refs[name] = dict(enumerate(r.token_ids for r in runs[ref]))
