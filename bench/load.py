@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -93,11 +94,13 @@ def main() -> int:
     p.add_argument("-md", "--model-draft", default="ngram")
     p.add_argument("--parallel", type=int, default=16)
     p.add_argument("--url", default=None, help="a running server (else one is started)")
+    p.add_argument("--out", default="bench/results", help="folder for the results JSON ('' = none)")
     args = p.parse_args()
 
     from openai import OpenAI
 
     from dovetail_rt import data
+    from dovetail_rt.bench import report
 
     prompts = [x.text for x in data.load(args.dataset)]
     proc = None
@@ -126,7 +129,15 @@ def main() -> int:
         print(f"{r['streams']:7d} {r['ok']:4d} {r['failed']:4d} {r['lost']:4d} {r['aggregate_tok_s']:9.2f} "
               f"{r['aggregate_tok_s'] / base:5.2f}x {r['ttft_p50_s'] or 0:8.2f} {r['ttft_p99_s'] or 0:8.2f} "
               f"{r['per_stream_tok_s_median']:12.2f}")
-    print(json.dumps({"url": url, "draft": args.model_draft, "n": args.n, "dataset": args.dataset, "levels": rows}))
+    result = {"command": "python " + " ".join(sys.argv), "draft": args.model_draft, "n": args.n, "dataset": args.dataset,
+              "parallel": args.parallel, "requests_per_stream": args.requests_per_stream,
+              "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows}
+    if args.out:
+        out = Path(args.out) / time.strftime("load-%Y%m%d-%H%M%S.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        result["results_file"] = str(out)
+    print(json.dumps(result))
     return 0
 
 

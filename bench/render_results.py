@@ -98,6 +98,22 @@ def curve_section(res: dict) -> list[str]:
     return out + [""]
 
 
+def load_section(res: dict, name: str) -> list[str]:
+    m = res["machine"]
+    out = [f"## Server load: `dovetail serve` with N concurrent streams ({res['dataset']}, draft {res['draft']})", "",
+           f"Run `{name}` at commit {res.get('commit')}. Command: `{res['command']}`  ",
+           f"Machine: {m['cpu']}, {m['cores']} cores; {res['n']} new tokens a request, {res['requests_per_stream']} "
+           f"requests one after another per stream, `--parallel {res['parallel']}`; the official `openai` client.", "",
+           "| streams | ok | failed | lost | aggregate tok/s | x one stream | TTFT p50 s | TTFT p99 s | tok/s per stream (median) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    base = res["levels"][0]["aggregate_tok_s"] or 1.0
+    for r in res["levels"]:
+        out.append(f"| {r['streams']} | {r['ok']} | {r['failed']} | {r['lost']} | {r['aggregate_tok_s']:.2f} | "
+                   f"{r['aggregate_tok_s'] / base:.2f}x | {r['ttft_p50_s'] or 0:.2f} | {r['ttft_p99_s'] or 0:.2f} | "
+                   f"{r['per_stream_tok_s_median']:.2f} |")
+    return out + [""]
+
+
 def gpu_section(res: dict, name: str) -> list[str]:
     out = [f"## GPU check {name} ({res['gpu']}, {res['cpu_cores']} CPU cores)", "",
            "Command: `bash bench/gpu_check.sh OUT` on a lent machine (random weights of the real shapes for timing).", "",
@@ -123,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bench", nargs="*", default=None)
     ap.add_argument("--curve", default=None)
+    ap.add_argument("--load", nargs="*", default=None, help="server load files (default: the newest load-*.json)")
     ap.add_argument("--gpu", nargs="*", default=None, help="GPU check files (default: every gpu_check-*.json)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end (reading of the numbers)")
     args = ap.parse_args()
@@ -131,6 +148,8 @@ def main() -> None:
              "written by the commands shown; nothing is typed in by hand).", ""]
     for f in args.bench or [p for p in [newest("bench-*.json")] if p]:
         lines += bench_section(json.loads(Path(f).read_text()), Path(f).stem)
+    for f in args.load if args.load is not None else [p for p in [newest("load-*.json")] if p]:
+        lines += load_section(json.loads(Path(f).read_text()), Path(f).stem)
     curve = args.curve or newest("verify-curve-*.json")
     if curve:
         lines += curve_section(json.loads(Path(curve).read_text()))

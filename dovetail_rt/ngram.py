@@ -185,7 +185,7 @@ DECAY = 0.9  # per step a match length drafts: the last ~10 such steps count
 # Priors per match-length bucket, worth PRIOR_STEPS steps: the run-length rates measured with every
 # proposal sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core EPYC):
 #   python bench/lookup_rates.py humaneval-edit:100:106:200 mtbench:60:66:128
-#   -> 1: 0.30-0.33, 2: 0.68-0.80, 3: 0.78-0.80, 4-7: 0.86, 8+: 0.98
+#   -> 1: 0.30-0.33, 2: 0.67-0.79, 3: 0.78-0.80, 4-7: 0.86, 8+: 0.97 (steps: 116-405, 45-115, 10-13, 9-10, 25-29)
 PRIOR_RATES = {1: 0.3, 2: 0.7, 3: 0.8, 4: 0.85, 8: 0.95}
 PRIOR_STEPS = 4.0
 

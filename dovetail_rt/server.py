@@ -119,6 +119,9 @@ class Backend:
                 raise RuntimeError(f"no tokenizer for {cfg.model}: the server needs one for text")
             self.model_id = str(first.target.get("model") or cfg.model)
             self.max_positions = min(int(first.target.get("max_positions", 1 << 30)), first.drafter.max_positions)
+            warm = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+            for c in self.clients:  # a session's first step allocates the engine's buffers: not in a request
+                c.generate(warm, 2)
         except Exception as exc:  # the server stays up and says why on /health
             log.exception("loading failed")
             self.state, self.problem = "failed", f"loading failed: {exc}"

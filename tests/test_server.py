@@ -325,3 +325,30 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, target, tmp_path):
     assert re.fullmatch(r"\d+ tokens, [\d.]+ tok/s, tau [\d.]+, acceptance (\d+%|-) \(\d+/\d+ drafted\), .*", stats), stats
     assert shot.stat().st_size > 5000
     print(f"chat page screenshot: {shot}")
+
+
+@pytest.mark.timeout(180)
+def test_a_verifier_that_dies_mid_stream_ends_the_stream_with_an_error_and_health_turns_503(model_dir):
+    import http.client
+
+    import psutil
+
+    s = Server(model_dir, "-md", "ngram", "--parallel", "1", "--engine", "torch")
+    try:
+        s.wait_ready()
+        verifier = next(p for p in psutil.Process(s.proc.pid).children(recursive=True) if "verifier" in " ".join(p.cmdline()))
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "w5 w6", "max_tokens": 400, "stream": True,
+                                                            "speculative": {"n_max": 0}, "temperature": 0}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        verifier.kill()
+        events = [line for line in resp.read().decode().split("\n\n") if line]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "verifier" in error["message"]
+        status, body = get(s.url + "/health")
+        assert status == 503 and "verifier" in body["error"]["message"]
+    finally:
+        s.stop()
