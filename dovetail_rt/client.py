@@ -257,30 +257,34 @@ class Client:
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
         take = _until_done([reply.fields["bonus"]], left, eos)
-        while take:
-            committed += take
-            left -= len(take)
-            stats.n_generated += len(take)
-            stats.record_time(time.perf_counter() - t0)
-            yield take
-            if left == 0 or take[-1] in eos:
-                break
-            if generation != self._generation:
-                raise RuntimeError("another generation started on this Client: one at a time per Client (session)")
-            # 1 draft: a chain or tree below the last committed token
-            t1 = time.perf_counter()
-            draft = self.drafter.propose(committed, budget=min(left - 1, max_draft))
-            t2 = time.perf_counter()
-            # 2 send: the verifier runs root + draft in one forward and accepts losslessly
-            reply = self._request(Message(MsgType.VERIFY, fields={
-                "session": self.session, "tokens": draft.tokens, "parents": draft.parents,
-            }))
-            t3 = time.perf_counter()
-            # 3 commit: accepted tokens + the target's bonus token
-            accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
-            self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
-            stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind)
-            take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
+        try:
+            while take:
+                committed += take
+                left -= len(take)
+                stats.n_generated += len(take)
+                stats.record_time(time.perf_counter() - t0)
+                yield take
+                if left == 0 or take[-1] in eos:
+                    break
+                if generation != self._generation:
+                    raise RuntimeError("another generation started on this Client: one at a time per Client (session)")
+                # 1 draft: a chain or tree below the last committed token
+                t1 = time.perf_counter()
+                draft = self.drafter.propose(committed, budget=min(left - 1, max_draft))
+                t2 = time.perf_counter()
+                # 2 send: the verifier runs root + draft in one forward and accepts losslessly
+                reply = self._request(Message(MsgType.VERIFY, fields={
+                    "session": self.session, "tokens": draft.tokens, "parents": draft.parents,
+                }))
+                t3 = time.perf_counter()
+                # 3 commit: accepted tokens + the target's bonus token
+                accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
+                self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
+                stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind)
+                take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
+        finally:  # done, or closed early: a drafter that keeps outputs (the lookup's index) gets the last batch
+            if generation == self._generation and hasattr(self.drafter, "finish"):
+                self.drafter.finish(committed)
 
     # ---- text convenience ---------------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:

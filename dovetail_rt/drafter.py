@@ -6,6 +6,7 @@ Every draft kind implements the same calls, so the loop in ``client.py`` never c
     observe(feedback)                         (what the last step gave: target features of the newly
                                                committed tokens, counts and timings)
     reset()                                   (a new generation starts)
+    finish(committed)                         (optional: the generation is over, with these tokens)
     close()                                   (free the draft's state; the model stays its opener's)
     max_positions                             (the longest sequence the draft can hold)
 
@@ -211,6 +212,9 @@ class Chooser:
     def reset(self) -> None:
         self.lookup.reset(), self.model.reset()
 
+    def finish(self, committed: list[int]) -> None:
+        self.lookup.finish(committed)
+
     def observe(self, feedback: Feedback) -> None:
         other = self.model if self.used is self.lookup else self.lookup
         self.used.observe(feedback)
@@ -259,6 +263,8 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
         return Choice(draft.lookup, model), tokenizer
     if model_part(str(draft)) is None:
         return ngram.Lookup(), None
+    if model_part(str(draft)) == "":
+        raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
     if model_part(str(draft)) != str(draft):
         model, tokenizer = open_draft(model_part(str(draft)), home, dtype, device, engine, threads)
         if model is None or isinstance(model, (ngram.Lookup, Choice)):

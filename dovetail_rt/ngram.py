@@ -21,8 +21,10 @@ report it per draft kind).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from . import tree
@@ -100,11 +102,16 @@ class SuffixIndex:
         self.max_tokens, self.n_tokens = max_tokens, 0
         self.index = TokenIndex()
         self.lengths: deque[int] = deque()  # of the outputs kept, oldest first
+        self.lock = threading.Lock()  # Clients in several threads (a server's requests) share one index
 
     def add(self, tokens: list[int]) -> None:
         tokens = list(tokens)[-self.max_tokens:] if self.max_tokens else []
         if len(tokens) < 2:
             return
+        with self.lock:
+            self._add(tokens)
+
+    def _add(self, tokens: list[int]) -> None:
         self.index.extend([SEP, *tokens])
         self.lengths.append(len(tokens))
         self.n_tokens += len(tokens)
@@ -117,7 +124,8 @@ class SuffixIndex:
 
     def outputs(self) -> list[list[int]]:
         """The outputs kept, oldest first."""
-        live = self.index.tokens[self.index.first:]
+        with self.lock:
+            live = self.index.tokens[self.index.first:]
         out, at = [], 0
         for n in self.lengths:
             at += 1  # its SEP
@@ -139,13 +147,16 @@ def lookup(context: TokenIndex, index: SuffixIndex | None, n_min: int, n_max: in
     longest match of the context's tail in the context itself, then in the ``index`` of earlier outputs."""
     tail = context.tokens[-n_max:]
     best, conts = 0, []
-    for src in [context] + ([index.index] if index is not None else []):
-        n, starts = src.matches(tail, max(n_min, best, 1), n_max)
-        if n > best:
-            best, conts = n, []
-        if n and n == best:
-            conts += [src.continuation(p, depth) for p in starts[: SCAN - len(conts)]]
+    for src in [context] + ([index] if index is not None else []):
+        with src.lock if src is index else nullcontext():
+            found = src.index if src is index else src  # the index is swapped on a rebuild: read it once
+            n, starts = found.matches(tail, max(n_min, best, 1), n_max)
+            if n > best:
+                best, conts = n, []
+            if n and n == best:
+                conts += [found.continuation(p, depth) for p in starts[: SCAN - len(conts)]]
     return best, conts
+
 
 
 def trie(continuations: list[list[int]], top_k: int) -> tuple[list[int], list[int], list[int]]:
@@ -246,8 +257,15 @@ class NgramDrafter:
     def close(self) -> None:
         self.reset()
 
+    def finish(self, committed: list[int]) -> None:
+        """The generation is over: its whole output, the last accepted batch included, joins the index."""
+        n = len(self.context)
+        if n and committed[n - 1 : n] == self.context.tokens[-1:]:
+            self.context.extend(committed[n:])
+        self.reset()
+
     def reset(self) -> None:
-        """A generation ends (or a new one starts): its output joins the index of earlier outputs."""
+        """A generation starts (or ends): what the last one output joins the index of earlier outputs."""
         if len(self.context) > self.n_prompt:
             self.source.index.add(self.context.tokens[self.n_prompt:])
         self.context, self.n_prompt, self.last = TokenIndex(), 0, None

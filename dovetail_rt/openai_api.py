@@ -54,7 +54,7 @@ class Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=1 << 63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.background import BackgroundTask
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import openai_api as api
@@ -163,7 +164,9 @@ class Backend:
 
 class Generation:
     """One request's generation: a worker thread steps the Client's generator and hands each batch of
-    accepted tokens to the event loop; ``cancel`` stops it after the step in flight."""
+    accepted tokens to the event loop; ``abandon()`` stops it after the step in flight. The worker
+    starts with the first read of ``events()``; the Client goes back to the pool when the worker ends,
+    or at ``abandon()`` if it never started (a client gone before its response began)."""
 
     def __init__(self, backend: Backend, client, ids: list[int], req, loop: asyncio.AbstractEventLoop):
         from .client import GenerationStats
@@ -181,10 +184,29 @@ class Generation:
         self.args = (ids, self.max_new, req.temperature, req.top_k, req.top_p, req.seed)
         self.config = client.drafter_config
         if spec and (spec.n_min is not None or spec.p_min is not None):
-            self.config = replace(self.config, draft_min=min(spec.n_min or 0, self.config.draft_max),
-                                  p_min=self.config.p_min if spec.p_min is None else spec.p_min)
+            self.config = replace(self.config, p_min=self.config.p_min if spec.p_min is None else spec.p_min,
+                                  draft_min=self.config.draft_min if spec.n_min is None else min(spec.n_min, self.config.draft_max))
         self.thread = threading.Thread(target=self._run, daemon=True, name="dovetail-generation")
-        self.thread.start()
+        self.lock, self.started = threading.Lock(), False
+
+    def start(self) -> None:
+        with self.lock:
+            if not self.started:
+                self.started = True
+                self.thread.start()
+
+    def abandon(self) -> None:
+        """Stop: after the step in flight if the worker runs; at once (the Client back) if it never started."""
+        with self.lock:
+            if self.started:
+                self.cancel.set()
+                return
+            self.started = True  # it never will
+        self._release()
+
+    def _release(self) -> None:
+        self.backend.metrics.running.dec()
+        self.loop.call_soon_threadsafe(self.backend.free.put_nowait, self.client)  # the session serves the next
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -206,7 +228,7 @@ class Generation:
         except Exception as exc:  # a dead verifier, a refused request: the response says so
             from .transport import LinkError
 
-            if isinstance(exc, LinkError):
+            if isinstance(exc, LinkError) and self.backend.child is None:  # a child's death shows in check()
                 self.backend.state, self.backend.problem = "failed", f"the verifier is unreachable: {exc}"
             log.warning("generation failed: %s", exc)
             self._put(("error", exc))
@@ -218,13 +240,14 @@ class Generation:
                 metrics.ttft.observe(stats.ttft_s)
             if stats.n_generated > 1:
                 metrics.per_token.observe((stats.seconds - stats.ttft_s) / (stats.n_generated - 1))
-            self.loop.call_soon_threadsafe(self.backend.free.put_nowait, self.client)  # the session serves the next
+            self._release()
 
     async def events(self, stops: list[str]):
         """(text, finish_reason or None) as the tokens come: text never splits a UTF-8 character or
         shows a stop string; the last event has the finish reason."""
         from .detok import IncrementalDetokenizer
 
+        self.start()
         detok, finder = IncrementalDetokenizer(self.backend.tokenizer), api.StopFinder(stops)
         eos = set(self.client.target.get("eos", []))
         last = None
@@ -238,6 +261,8 @@ class Generation:
             text = finder.push(detok.push(value))
             if finder.stopped:
                 self.cancel.set()
+                while (await self.out.get())[0] not in ("done", "error"):
+                    pass  # the step in flight: the stats are final once the worker is done
                 yield text, "stop"
                 return
             if text:
@@ -331,6 +356,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             ids = await asyncio.to_thread(encode, backend, req)
         except (ValueError, TypeError) as exc:
             return fail(400, str(exc), param="messages" if chat else "prompt")
+        vocab = int(backend.clients[0].target.get("vocab_size", 1 << 62))
+        if any(not 0 <= t < vocab for t in ids):
+            return fail(400, f"token ids must be in 0..{vocab - 1}", param="prompt")
+        if req.top_k >= vocab:
+            return fail(400, f"top_k must be below the vocabulary size {vocab} (0 = off)", param="top_k")
         client = await backend.acquire()
         metrics.running.inc()
         try:
@@ -340,9 +370,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             backend.free.put_nowait(client)
             return fail(400, str(exc), param="messages" if chat else "prompt")
         reply = api.Reply(chat, backend.model_id)
-        if req.stream:
+        if req.stream:  # abandoned after the response too: it may end before the body starts (client gone)
             return StreamingResponse(stream(gen, req, reply), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.abandon))
         text, finish = [], None
         try:
             async for piece, finish in gen.events(req.stops()):
@@ -350,7 +381,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         except Exception as exc:
             return fail(500, f"generation failed: {exc}", "server_error")
         finally:
-            metrics.running.dec()
+            gen.abandon()
         metrics.success.labels(finished_reason=finish).inc()
         return reply.whole("".join(text), finish, gen.stats)
 
@@ -369,8 +400,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         except Exception as exc:  # the verifier died mid-stream: an error event ends the stream
             yield api.sse(api.error(f"generation failed: {exc}", "server_error", 500))
         finally:
-            gen.cancel.set()  # a client that went away: stop after the step in flight
-            metrics.running.dec()
+            gen.abandon()  # a client that went away: stop after the step in flight
         yield api.DONE
 
     @app.post("/v1/chat/completions")

@@ -63,11 +63,12 @@ def test_a_drafter_adds_each_generation_to_the_shared_index():
     drafter = ngram.NgramDrafter(source, DraftConfig(adaptive=False))
     drafter.propose([1, 2, 3], 10)  # prompt [1, 2], first token 3
     drafter.propose([1, 2, 3, 40, 41, 42, 43], 10)
-    drafter.reset()
-    assert source.index.outputs() == [[3, 40, 41, 42, 43]]  # the output, not the prompt
+    drafter.finish([1, 2, 3, 40, 41, 42, 43, 44, 45])  # the last accepted batch too
+    drafter.reset()  # the next generation: nothing more to add
+    assert source.index.outputs() == [[3, 40, 41, 42, 43, 44, 45]]  # the output, not the prompt
     other = ngram.NgramDrafter(source, DraftConfig(adaptive=False))  # another Client sharing the Lookup
     draft = other.propose([9, 8, 40, 41], 10)
-    assert draft.tokens == [42, 43] and draft.kind == "ngram"
+    assert draft.tokens == [42, 43, 44, 45] and draft.kind == "ngram"
 
 
 def test_draft_specs():
@@ -75,8 +76,9 @@ def test_draft_specs():
     lookup, tok = open_draft("ngram", home=None)
     assert isinstance(lookup, ngram.Lookup) and tok is None
     assert isinstance(make_drafter(lookup, DraftConfig()), ngram.NgramDrafter)
-    with pytest.raises(ValueError, match="after 'ngram\\+'"):
-        open_draft("ngram+ngram", home=None)
+    for bad in ("ngram+ngram", "ngram+"):
+        with pytest.raises(ValueError, match="after 'ngram\\+'"):
+            open_draft(bad, home=None)
 
 
 def test_the_chooser_drafts_with_the_lookup_when_it_has_a_proposal():

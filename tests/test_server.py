@@ -206,6 +206,10 @@ def test_errors_are_openai_error_objects(server, client):
     assert status == 401 and body["error"]["type"] == "authentication_error"
     status, _, body = post(url, {"messages": []})
     assert status == 400 and body["error"]["param"] == "messages"
+    status, _, body = post(server.url + "/v1/completions", {"prompt": [5, 99]})  # the tiny vocabulary has 99 ids
+    assert status == 400 and body["error"]["param"] == "prompt" and "0..98" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "top_k": 99})
+    assert status == 400 and body["error"]["param"] == "top_k"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, top_p=0)
 
