@@ -126,17 +126,16 @@ class Client:
         self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()
+            self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
+            self.drafter_config = draft_config
+            if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
+                self.tokenizer = _local_tokenizer(str(self.target.get("model")), home or dovetail_home())
+            missing = self._missing_capability(draft_config)
+            if missing:
+                raise VerifierError("unsupported", missing)
         except BaseException:
-            self.conn.close()
+            self.close()  # the session (if opened) and the socket
             raise
-        self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
-        self.drafter_config = draft_config
-        if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
-            self.tokenizer = _local_tokenizer(str(self.target.get("model")), home or dovetail_home())
-        missing = self._missing_capability(draft_config)
-        if missing:
-            self.close()
-            raise VerifierError("unsupported", missing)
 
     # ---- session ------------------------------------------------------------------------------
     def _request(self, msg: Message) -> Message:
