@@ -136,7 +136,8 @@ def _pyplot():
 
 
 def _title(results: dict) -> str:
-    return f"{results['machine']['cpu'][:48]} | target {results['machine']['target_dtype']}"
+    engines = ", ".join(f"{e} {w.get('format')}" for e, w in results.get("engines", {}).items())
+    return f"{results['machine']['cpu'][:48]} | target {engines or results['machine']['target_dtype']}"
 
 
 def _save(fig, path: Path) -> str:
