@@ -10,7 +10,8 @@ blocks (a verifier round trip, a draft forward) runs in one worker thread per ru
 
 Concurrency: ``--parallel`` Clients (each one verifier session, all sharing the one opened draft
 model and, for lookup drafts, one index of earlier outputs) are a pool; a request takes one, or
-waits in a queue of at most ``--queue`` requests (past it: 503 with Retry-After). A client that
+waits in a queue of at most ``--queue`` requests, served first come first served (past it: 503
+with Retry-After). A client that
 disconnects stops its generation after the step in flight, and its session serves the next request.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,9 +90,10 @@ class Backend:
     def __init__(self, config: ServeConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
         self.state, self.problem = "loading", "the models are loading"
-        self.child, self.clients, self.free = None, [], None
+        self.child, self.clients = None, []
+        self.idle: list = []  # Clients free now (touched on the event loop only)
+        self.waiters: deque[asyncio.Future] = deque()  # requests waiting for one, first come first served
         self.tokenizer, self.model_id, self.max_positions = None, config.model, 1 << 30
-        self.waiting = 0
 
     def start(self) -> None:
         """In the thread that lives as long as the server (the verifier child dies with it): start the
@@ -127,9 +130,8 @@ class Backend:
             log.exception("loading failed")
             self.state, self.problem = "failed", f"loading failed: {exc}"
             return
-        self.free = asyncio.Queue()
         for c in self.clients:
-            loop.call_soon_threadsafe(self.free.put_nowait, c)
+            loop.call_soon_threadsafe(self.release, c)
         self.state, self.problem = "ready", ""
 
     def check(self) -> None:
@@ -141,16 +143,33 @@ class Backend:
 
     async def acquire(self):
         self.check()
-        if self.free.empty() and self.waiting >= self.config.queue:
-            raise Unavailable(f"the server is busy: {self.config.parallel} requests running and {self.waiting} waiting; "
-                              "retry later", retry_after=1)
-        self.waiting += 1
-        self.metrics.waiting.set(self.waiting)
+        if self.idle and not self.waiters:
+            return self.idle.pop()
+        if len(self.waiters) >= self.config.queue:
+            raise Unavailable(f"the server is busy: {self.config.parallel} requests running and {len(self.waiters)} "
+                              "waiting; retry later", retry_after=1)
+        turn = asyncio.get_running_loop().create_future()
+        self.waiters.append(turn)
+        self.metrics.waiting.set(len(self.waiters))
         try:
-            return await self.free.get()
+            return await turn
+        except asyncio.CancelledError:  # the request went away; a Client handed over meanwhile goes on
+            if turn.done() and not turn.cancelled():
+                self.release(turn.result())
+            raise
         finally:
-            self.waiting -= 1
-            self.metrics.waiting.set(self.waiting)
+            if turn in self.waiters:
+                self.waiters.remove(turn)
+            self.metrics.waiting.set(len(self.waiters))
+
+    def release(self, client) -> None:
+        """A Client is free: to the oldest waiting request, else to the idle ones (on the event loop)."""
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(client)
+                return
+        self.idle.append(client)
 
     def close(self) -> None:
         for c in self.clients:
@@ -206,7 +225,7 @@ class Generation:
 
     def _release(self) -> None:
         self.backend.metrics.running.dec()
-        self.loop.call_soon_threadsafe(self.backend.free.put_nowait, self.client)  # the session serves the next
+        self.loop.call_soon_threadsafe(self.backend.release, self.client)  # the session serves the next
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -367,7 +386,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             gen = Generation(backend, client, ids, req, asyncio.get_running_loop())
         except ValueError as exc:
             metrics.running.dec()
-            backend.free.put_nowait(client)
+            backend.release(client)
             return fail(400, str(exc), param="messages" if chat else "prompt")
         reply = api.Reply(chat, backend.model_id)
         if req.stream:  # abandoned after the response too: it may end before the body starts (client gone)

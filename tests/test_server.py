@@ -348,7 +348,7 @@ def test_a_verifier_that_dies_mid_stream_ends_the_stream_with_an_error_and_healt
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
         verifier.kill()
-        events = [line for line in resp.read().decode().split("\n\n") if line]
+        events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         error = json.loads(events[-2].removeprefix("data: "))["error"]
         assert error["type"] == "server_error" and "verifier" in error["message"]
