@@ -326,6 +326,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from . import server
+    from .client import resolve_device
     from .config import ServeConfig
     from .drafter import model_part
 
@@ -342,14 +343,8 @@ def cmd_serve(args) -> int:
                          verifier_args=tuple(extra), host=args.host, port=args.port, parallel=args.parallel,
                          queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
                          draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
-                         device=resolve_draft_device(args.device_draft), timeout_s=args.timeout)
+                         device=resolve_device(args.device_draft), timeout_s=args.timeout)
     return server.run(config)
-
-
-def resolve_draft_device(device: str) -> str:
-    from .client import resolve_device
-
-    return resolve_device(device)
 
 
 def cmd_bench(args) -> int:
