@@ -22,8 +22,11 @@ EPILOG = """\
 examples:
   dovetail models install                              # the default pair (Qwen2.5-Coder 1.5B + 0.5B)
   dovetail run --prompt "def quicksort(arr):" -n 64    # both processes on this host
-  dovetail verifier -m qwen2.5-coder-1.5b --listen tcp://0.0.0.0:5557 -t 16     # host A (CPU)
-  dovetail generate --verifier tcp://HOST_A:5557 -md qwen2.5-coder-0.5b --prompt "Hi" --chat  # host B
+  dovetail keys generate ~/.dovetail/keys --name verifier                         # once per host (A, B: --name draft)
+  dovetail verifier -m qwen2.5-coder-1.5b --listen tcp://0.0.0.0:5557 -t 16 \\
+      --curve-secret-key ~/.dovetail/keys/verifier.key_secret --authorized-keys ~/.dovetail/keys/authorized  # host A
+  dovetail generate --verifier tcp://HOST_A:5557 -md qwen2.5-coder-0.5b --prompt "Hi" --chat \\
+      --curve-secret-key ~/.dovetail/keys/draft.key_secret --curve-server-key ~/.dovetail/keys/verifier.key  # host B
 """
 
 
@@ -96,6 +99,12 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool, generati
                    help=f"seconds to wait for any verifier reply (default {LinkConfig.timeout_s:g})")
 
 
+def add_key_options(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("keys (for a verifier that listens with keys: `dovetail keys generate`)")
+    k.add_argument("--curve-secret-key", default=None, help="this host's secret key file (NAME.key_secret)")
+    k.add_argument("--curve-server-key", default=None, help="the verifier's public key file (NAME.key)")
+
+
 def draft_config(args) -> DraftConfig:
     return DraftConfig(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min,
                        adaptive=not args.no_cost_model,
@@ -116,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load the target on the CPU, pin it to a NUMA node's cores, and verify drafts for any number of sessions.")
     add_verifier_options(p, model_required=True)
     p.add_argument("--listen", default="tcp://127.0.0.1:5557",
-                   help="endpoint to bind (default tcp://127.0.0.1:5557; use tcp://0.0.0.0:PORT for other hosts, on a trusted network)")
+                   help="endpoint to bind (default tcp://127.0.0.1:5557: this host only; tcp://0.0.0.0:PORT for other "
+                        "hosts needs keys, or --insecure)")
+    k = p.add_argument_group("keys (CURVE: authenticated, encrypted link; `dovetail keys generate`)")
+    k.add_argument("--curve-secret-key", default=None, help="this verifier's secret key file (NAME.key_secret)")
+    k.add_argument("--authorized-keys", default=None,
+                   help="folder of the public key files (NAME.key) of the draft hosts served; any other key is refused")
+    k.add_argument("--insecure", action="store_true",
+                   help="listen beyond this host without keys (anyone who reaches the port drives the target)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
 
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the draft side against a running `dovetail verifier`; streams the text, then prints stats.")
     p.add_argument("--verifier", default="tcp://127.0.0.1:5557", help="verifier endpoint (default tcp://127.0.0.1:5557)")
     add_draft_options(p, model_required=True)
+    add_key_options(p)
 
     p = sub.add_parser("run", help="one host: start a verifier child and generate",
                        description="Start the verifier as a child process on this host, generate, and shut both down.")
@@ -142,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verifier_options(p, model_required=False)
     add_draft_options(p, model_required=False, generation=False)
     p.add_argument("--verifier", default=None, help="a running verifier's endpoint (default: start one as a child process)")
+    add_key_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--parallel", type=int, default=4, help="requests generating at once, one verifier session each (default 4)")
@@ -223,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="training device (auto: cuda if present)")
     p.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for extraction")
 
+    p = sub.add_parser("keys", help="make a CURVE key pair for an authenticated, encrypted link between hosts",
+                       description="Write NAME.key (public: give it to the other side) and NAME.key_secret (this host's "
+                                   "only, readable by its owner alone) into DIR, with ZeroMQ's own key generator.")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    g = ksub.add_parser("generate", help="write a key pair")
+    g.add_argument("dir", help="folder to write into (made if missing)")
+    g.add_argument("--name", default=None, help="file name stem (default: this host's name)")
+
     p = sub.add_parser("models", help="install or list the default real models")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
@@ -239,7 +265,9 @@ def cmd_verifier(args) -> int:
     from . import placement, verifier_main
 
     config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
-                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, link=LinkConfig(endpoint=args.listen))
+                            n_ctx=args.ctx_size, max_sessions=args.max_sessions,
+                            link=LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
+                                            authorized_keys=args.authorized_keys, insecure=args.insecure))
     cpus = placement.parse_cpulist(args.cpus) if args.cpus else None
     where = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0)), args.numa_node, cpus, args.threads)
     return verifier_main.run(config, where, args.ready_fd, args.exit_with_parent)
@@ -260,9 +288,10 @@ def cmd_generate(args, endpoint: str | None = None) -> int:
     from .client import Client
     from .detok import IncrementalDetokenizer
 
+    keys = {} if endpoint else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
     client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
                     draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype,
-                    engine=args.draft_engine)
+                    engine=args.draft_engine, **keys)
     with client:
         ids = client.encode(read_prompt(args), chat=args.chat)
         stream = None if args.json else IncrementalDetokenizer(client.tokenizer)
@@ -343,7 +372,8 @@ def cmd_serve(args) -> int:
                          verifier_args=tuple(extra), host=args.host, port=args.port, parallel=args.parallel,
                          queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
                          draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
-                         device=resolve_device(args.device_draft), timeout_s=args.timeout)
+                         device=resolve_device(args.device_draft), timeout_s=args.timeout,
+                         curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key)
     return server.run(config)
 
 
@@ -399,6 +429,30 @@ def cmd_train_head(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    import socket
+
+    import zmq.auth
+
+    folder = Path(args.dir).expanduser()
+    name = args.name or socket.gethostname()
+    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise ValueError(f"{public} or {secret} exists already: pick another --name or folder (keys are never overwritten)")
+    folder.mkdir(parents=True, exist_ok=True)
+    old = os.umask(0o077)  # the secret file is born private
+    try:
+        zmq.auth.create_certificates(str(folder), name)
+    finally:
+        os.umask(old)
+    secret.chmod(0o600)
+    public.chmod(0o644)
+    print(f"public key: {public}   (give it to the other side: a draft host's goes into the verifier's "
+          f"--authorized-keys folder, the verifier's is the draft hosts' --curve-server-key)")
+    print(f"secret key: {secret}   (stays on this host, mode 600)")
+    return 0
+
+
 def cmd_models(args) -> int:
     home = dovetail_home()
     if args.models_command == "list":
@@ -418,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "serve": cmd_serve, "models": cmd_models,
+    commands = {"verifier": cmd_verifier, "generate": cmd_generate, "run": cmd_run, "serve": cmd_serve, "keys": cmd_keys, "models": cmd_models,
                 "bench": cmd_bench, "train-head": cmd_train_head}
     try:
         return commands[args.command](args)

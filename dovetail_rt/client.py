@@ -117,12 +117,21 @@ class Client:
         dtype: str = "auto",
         home: Path | None = None,
         engine: str = "auto",
+        curve_secret_key: str | None = None,
+        curve_server_key: str | None = None,
     ):
-        self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s)
+        """``curve_secret_key`` / ``curve_server_key``: this host's secret key file and the verifier's public
+        key file (`dovetail keys generate`), for a verifier that listens with keys (CURVE)."""
+        self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s, curve_secret_key=curve_secret_key,
+                               curve_server_key=curve_server_key)
+        if self.link.curve and not self.link.curve_server_key:
+            raise ValueError("--curve-secret-key needs --curve-server-key: the verifier's public key file")
         self.device = resolve_device(device)
         model, loaded_tok = open_draft(draft, home or dovetail_home(), dtype, self.device, engine)
         self.tokenizer = tokenizer or loaded_tok
-        self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes)
+        self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes,
+                                         curve=(self.link.curve_secret_key, self.link.curve_server_key)
+                                         if self.link.curve else None)
         self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()

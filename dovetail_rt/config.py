@@ -15,11 +15,30 @@ def dovetail_home(env: dict | None = None) -> Path:
     return Path(env.get("DOVETAIL_HOME") or Path.home() / ".cache" / "dovetail")
 
 
+LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost", "tcp://[::1]", "ipc://", "inproc://")
+
+
 @dataclass(frozen=True)
 class LinkConfig:
+    """The ZeroMQ link. Off-host it is authenticated and encrypted with CURVE (``dovetail keys
+    generate``): the verifier holds its secret key and a folder of the draft hosts' public keys it
+    accepts; a draft host holds its own secret key and the verifier's public key."""
+
     endpoint: str = "tcp://127.0.0.1:5557"
     timeout_s: float = 60.0  # every receive; a prefill of a long prompt on a slow CPU fits in it
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    curve_secret_key: str | None = None  # this side's secret key file (NAME.key_secret)
+    curve_server_key: str | None = None  # draft side: the verifier's public key file (NAME.key)
+    authorized_keys: str | None = None  # verifier side: folder of the public keys of the draft hosts it serves
+    insecure: bool = False  # verifier side: listen beyond this host without keys
+
+    @property
+    def loopback(self) -> bool:
+        return self.endpoint.startswith(LOOPBACK_PREFIXES)
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
 
     def __post_init__(self):
         if "://" not in self.endpoint:
@@ -28,6 +47,28 @@ class LinkConfig:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max message size must be >= 1024 bytes, got {self.max_message_bytes}")
+        if self.curve_server_key and not self.curve_secret_key:
+            raise ValueError("--curve-server-key needs --curve-secret-key too (this host's own key pair: "
+                             "dovetail keys generate DIR)")
+        for path in (self.curve_secret_key, self.curve_server_key):
+            if path and not Path(path).is_file():
+                raise ValueError(f"no key file {path}: make a key pair with `dovetail keys generate DIR`")
+        if self.authorized_keys and not Path(self.authorized_keys).is_dir():
+            raise ValueError(f"--authorized-keys {self.authorized_keys} is not a folder of public key files")
+
+    def check_listen(self) -> None:
+        """The verifier's rule: beyond this host only with keys (or --insecure, said at start-up)."""
+        if self.curve and not self.authorized_keys:
+            raise ValueError("--curve-secret-key needs --authorized-keys DIR: the public keys (NAME.key) of the draft "
+                             "hosts this verifier serves")
+        if not self.loopback and not self.curve and not self.insecure:
+            raise ValueError(
+                f"listening on {self.endpoint} reaches other hosts, and without keys anyone there could drive the "
+                "target. Make keys: `dovetail keys generate KEYS --name verifier` here and `dovetail keys generate KEYS "
+                "--name draft` on each draft host, copy the draft hosts' draft.key into a folder here, then start with "
+                "--curve-secret-key KEYS/verifier.key_secret --authorized-keys FOLDER (and give the draft hosts "
+                "--curve-secret-key KEYS/draft.key_secret --curve-server-key verifier.key). On a network you trust "
+                "completely, --insecure listens without them.")
 
 
 ENGINE_CHOICES = ("auto", "torch", "llamacpp")
@@ -45,6 +86,7 @@ class VerifierConfig:
     link: LinkConfig = LinkConfig()
 
     def __post_init__(self):
+        self.link.check_listen()
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got '{self.engine}'")
         if self.n_ctx < 64:
@@ -115,6 +157,8 @@ class ServeConfig:
     draft_dtype: str = "auto"
     device: str = "cpu"
     timeout_s: float = LinkConfig.timeout_s
+    curve_secret_key: str | None = None  # with a remote verifier that listens with keys
+    curve_server_key: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.parallel <= 256:

@@ -116,7 +116,9 @@ class Backend:
             draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine)
             for _ in range(cfg.parallel):
                 self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
-                                           draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home))
+                                           draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,
+                                           curve_secret_key=cfg.curve_secret_key if cfg.verifier else None,
+                                           curve_server_key=cfg.curve_server_key if cfg.verifier else None))
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
@@ -440,5 +442,8 @@ def run(config: ServeConfig) -> int:
     print(f"dovetail serve: http://{config.host}:{config.port}  (OpenAI API at /v1; /health is 503 until the models "
           f"load; {config.parallel} parallel, {config.queue} queued{', API key required' if config.api_key else ''})",
           flush=True)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"dovetail serve: WARNING: {config.host} reaches other hosts and no --api-key is set: anyone there can "
+              "use this server", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

@@ -8,11 +8,10 @@ import time
 import zmq
 
 from . import protocol
+from .config import LinkConfig
 from .protocol import Message
 
 log = logging.getLogger(__name__)
-
-LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost", "tcp://[::1]", "ipc://", "inproc://")
 
 
 class LinkError(RuntimeError):
@@ -26,34 +25,71 @@ def _common(sock: zmq.Socket, max_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes)
 
 
-def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int) -> tuple[zmq.Socket, str]:
-    """The verifier's socket; returns it with the endpoint actually bound (port 0 -> real port)."""
-    if not endpoint.startswith(LOOPBACK_PREFIXES):
-        log.warning("listening on %s: reachable from other hosts; the link is not authenticated, "
-                    "use it only on a trusted network", endpoint)
+def load_key(path: str, secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) Z85 keys from a `dovetail keys generate` file; clear errors for the wrong file."""
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"cannot read the key file {path}: {exc}") from exc
+    if secret and secret_key is None:
+        raise LinkError(f"{path} holds a public key only: give the NAME.key_secret file of this host's key pair")
+    return public, secret_key
+
+
+def bind_router(ctx: zmq.Context, link: LinkConfig) -> tuple[zmq.Socket, str, object | None]:
+    """The verifier's socket, the endpoint actually bound (port 0 -> real port) and, with CURVE, the
+    ZAP authenticator (a thread of zmq.auth) that admits only the authorized draft hosts' keys; stop it
+    after closing the socket."""
+    auth = None
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, max_bytes)
+    _common(sock, link.max_message_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
     try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
+        if link.curve:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            public, secret = load_key(link.curve_secret_key, secret=True)
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("dovetail_rt.auth"))
+            auth.start()
+            auth.configure_curve(domain="*", location=link.authorized_keys)
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+        elif not link.loopback:
+            log.warning("listening on %s WITHOUT keys (--insecure): anyone who reaches it drives the target",
+                        link.endpoint)
+        sock.bind(link.endpoint)
+    except (zmq.ZMQError, LinkError) as exc:
         sock.close()
-        raise LinkError(f"cannot listen on {endpoint}: {exc} (is another verifier using that port?)") from exc
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if auth is not None:
+            auth.stop()
+        if isinstance(exc, LinkError):
+            raise
+        raise LinkError(f"cannot listen on {link.endpoint}: {exc} (is another verifier using that port?)") from exc
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT), auth
 
 
 class Connection:
     """The draft side's link to one verifier: request/reply with a timeout and disconnect watch."""
 
-    def __init__(self, endpoint: str, timeout_s: float, max_bytes: int, ctx: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout_s: float, max_bytes: int, ctx: zmq.Context | None = None,
+                 curve: tuple[str, str] | None = None):
+        """``curve``: (this host's secret key file, the verifier's public key file)."""
         self.endpoint, self.timeout_s, self.max_bytes = endpoint, timeout_s, max_bytes
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         _common(self.sock, max_bytes)
+        if curve:
+            public, secret = load_key(curve[0], secret=True)
+            self.sock.curve_secretkey, self.sock.curve_publickey = secret, public
+            self.sock.curve_serverkey = load_key(curve[1], secret=False)[0]
         # ZMTP heartbeats: a peer host that dies without closing TCP is noticed within ~10 s.
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED |
+                                                    zmq.EVENT_HANDSHAKE_FAILED_AUTH |
+                                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                                                    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.connected_once = False
         self.seq = 0
         self.poller = zmq.Poller()
@@ -92,6 +128,12 @@ class Connection:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 self.connected_once = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise LinkError(f"the verifier at {self.endpoint} refused this host's key: add this host's public "
+                                "key (NAME.key) to the verifier's --authorized-keys folder")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                raise LinkError(f"the security handshake with {self.endpoint} failed: both sides need keys (CURVE) or "
+                                "neither; check --curve-server-key is the verifier's public key")
             elif event == zmq.EVENT_DISCONNECTED:
                 raise LinkError(f"verifier at {self.endpoint} closed the connection (it stopped or crashed)")
 

@@ -260,5 +260,5 @@ def memory_report() -> str:
     return f"process RSS {psutil.Process(os.getpid()).memory_info().rss / 2**30:.2f} GiB"
 
 
-def open_socket(config: VerifierConfig) -> tuple[zmq.Socket, str]:
-    return transport.bind_router(zmq.Context.instance(), config.link.endpoint, config.link.max_message_bytes)
+def open_socket(config: VerifierConfig) -> tuple[zmq.Socket, str, object | None]:
+    return transport.bind_router(zmq.Context.instance(), config.link)

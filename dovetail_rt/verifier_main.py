@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from . import placement
 from .config import VerifierConfig
@@ -32,13 +33,17 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
         torch.set_num_threads(1)
     curve = load_verify_curve(config.home, config.model, curve_key(info))
     verifier = Verifier(target, config, verify_curve=curve)
-    sock, endpoint = open_socket(config)
+    sock, endpoint, auth = open_socket(config)
+    link = config.link
     print(f"dovetail verifier: {config.model} loaded in {time.perf_counter() - t0:.1f} s\n"
           f"  engine:    {info.engine}, weights {info.weight_format}, {info.path}\n"
           f"  placement: {where.describe()} ({where.threads} threads)\n"
           f"  memory:    {memory_report()}\n"
           f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
-          f"  listening: {endpoint}", file=sys.stderr, flush=True)
+          f"  listening: {endpoint}"
+          + (f" (CURVE: keys from {Path(link.authorized_keys)} only)" if link.curve else
+             "" if link.loopback else " (INSECURE: no keys, anyone who reaches it drives the target)"),
+          file=sys.stderr, flush=True)
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as ready:  # the launcher reads the endpoint, then what runs there
             ready.write(endpoint + "\n" + json.dumps({"engine": info.engine, "format": info.weight_format,
@@ -49,6 +54,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     parent = os.getppid()
     verifier.serve(sock, should_stop=lambda: bool(stopping) or (exit_with_parent and os.getppid() != parent))
     sock.close(0)
+    if auth is not None:
+        auth.stop()
     print("dovetail verifier: stopped", file=sys.stderr)
     return 0
 
