@@ -292,10 +292,11 @@ class NgramDrafter:
         tokens, parents, counts = trie(conts, TOP_K if cfg.tree_top_k is None else cfg.tree_top_k)
         scores = [math.log(c / len(conts)) for c in counts]
         draft = tree.prune(DraftTree(tokens, parents, scores, self.kind), cap)
-        run = self.runs[bucket(n)]
+        run, depths = self.runs[bucket(n)], tree.depths(draft.parents)
         if cfg.adaptive and self.verify.knows_verify:
-            chances = [math.exp(s) * run.rate ** d for s, d in zip(draft.scores, tree.depths(draft.parents))]
-            keep = self.verify.tree_size(chances, time.perf_counter() - started)
-            draft = tree.prune(draft, max(keep, int(run.probing)), chances)
-        self.last = (bucket(n), max(tree.depths(draft.parents), default=0))
+            chances = [math.exp(s) * run.rate ** d for s, d in zip(draft.scores, depths)]
+            keep = max(self.verify.tree_size(chances, time.perf_counter() - started), int(run.probing))
+            draft = tree.prune(draft, keep, chances)
+            depths = tree.depths(draft.parents)  # of what is sent
+        self.last = (bucket(n), max(depths, default=0))
         return draft

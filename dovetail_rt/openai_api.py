@@ -13,6 +13,20 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+UNSUPPORTED = {  # fields clients send at their neutral value by default; any other value is refused
+    "presence_penalty": "penalties are not supported (they would change the target's distribution)",
+    "frequency_penalty": "penalties are not supported (they would change the target's distribution)",
+    "logprobs": "logprobs are not supported",
+    "echo": "echo is not supported",
+}
+
+
+def refuse_if_set(value, info):
+    if value:
+        raise ValueError(UNSUPPORTED[info.field_name])
+    return value
+
+
 class Speculative(BaseModel):
     """llama.cpp's per-request speculation settings: ``n_max`` 0 turns drafting off."""
 
@@ -73,19 +87,10 @@ class Sampling(BaseModel):
             raise ValueError("only n = 1 is supported (one choice per request)")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("presence_penalty", "frequency_penalty", "logprobs")
     @classmethod
-    def no_penalty(cls, v: float) -> float:
-        if v:
-            raise ValueError("penalties are not supported (they would change the target's distribution)")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    def neutral(cls, v, info):
+        return refuse_if_set(v, info)
 
     @field_validator("stop")
     @classmethod
@@ -113,10 +118,8 @@ class CompletionRequest(Sampling):
 
     @field_validator("echo")
     @classmethod
-    def no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    def neutral(cls, v, info):
+        return refuse_if_set(v, info)
 
     def limit(self) -> int | None:
         return self.max_tokens or 16  # OpenAI's default for completions

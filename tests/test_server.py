@@ -210,6 +210,10 @@ def test_errors_are_openai_error_objects(server, client):
     assert status == 400 and body["error"]["param"] == "prompt" and "0..98" in body["error"]["message"]
     status, _, body = post(url, {"messages": msgs, "top_k": 99})
     assert status == 400 and body["error"]["param"] == "top_k"
+    status, _, body = post(url, {"messages": msgs, "presence_penalty": 0.5})
+    assert status == 400 and body["error"]["param"] == "presence_penalty" and "penalties" in body["error"]["message"]
+    status, _, body = post(server.url + "/v1/completions", {"prompt": "w5", "echo": True})
+    assert status == 400 and body["error"]["param"] == "echo"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, top_p=0)
 
