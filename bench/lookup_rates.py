@@ -29,8 +29,7 @@ class Measured(ngram.NgramDrafter):
 
     def propose(self, committed, budget):
         draft = super().propose(committed, budget)
-        n, _ = ngram.lookup(self.context, self.source.index, self.config.lookup_min, self.config.lookup_max, 1)
-        self.sent = (ngram.bucket(n), len(draft)) if len(draft) else None
+        self.sent = self.last if len(draft) else None  # (bucket, depth sent): chains, so depth = length
         return draft
 
     def observe(self, feedback):

@@ -17,7 +17,7 @@ import torch
 
 from . import store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
-from .drafter import Feedback, make_drafter, open_draft, set_config
+from .drafter import Feedback, make_drafter, open_draft
 from .ngram import Lookup
 from .protocol import Message, MsgType
 
@@ -194,7 +194,8 @@ class Client:
     def configure(self, config: DraftConfig) -> None:
         """Draft settings for the generations that follow (a server request's own speculation settings)."""
         self.drafter_config = config
-        set_config(self.drafter, config)
+        if hasattr(self.drafter, "config"):  # NoDraft has none
+            self.drafter.config = config
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(

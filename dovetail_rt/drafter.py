@@ -206,6 +206,14 @@ class Chooser:
         self.wants_features = model.wants_features
         self.max_positions = model.max_positions
 
+    @property
+    def config(self) -> DraftConfig:
+        return self.lookup.config
+
+    @config.setter
+    def config(self, config: DraftConfig) -> None:  # both kinds draft with the same settings
+        self.lookup.config = self.model.config = config
+
     def close(self) -> None:
         self.lookup.close(), self.model.close()
 
@@ -224,13 +232,6 @@ class Chooser:
         draft = self.lookup.propose(committed, budget)
         self.used = self.lookup if len(draft) else self.model
         return draft if len(draft) else self.model.propose(committed, budget)
-
-
-def set_config(drafter, config: DraftConfig) -> None:
-    """New draft settings for a drafter and, in a ``Chooser``, both of its kinds."""
-    for part in (drafter, getattr(drafter, "lookup", None), getattr(drafter, "model", None)):
-        if hasattr(part, "config"):
-            part.config = config
 
 
 LOOKUP = "ngram"  # -md ngram, -md ngram+DRAFT
