@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import store, transport
+from . import protocol, store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
 from .drafter import Feedback, make_drafter, open_draft
 from .ngram import Lookup
@@ -67,11 +67,15 @@ class GenerationStats:
     ttft_s: float = 0.0  # time to the first generated token
     timings: Timings = field(default_factory=Timings)
     by_kind: dict[str, KindStats] = field(default_factory=dict)  # draft kind -> its steps (``none``: nothing drafted)
+    shared_steps: int = 0  # steps verified in one pass with other sessions' steps
+    last_batch: int = 1  # sessions in the pass that verified the last step
 
     def record_step(self, n_drafted: int, n_accepted: int, draft_s: float, verify_s: float, round_trip_s: float,
-                    kind: str = "") -> None:
-        """One VERIFY step: counts, tau (bonus included), the draft / verify / link split, and the
-        share of the draft kind that made the step's draft."""
+                    kind: str = "", batch: int = 1) -> None:
+        """One VERIFY step: counts, tau (bonus included), the draft / verify / link split, the share
+        of the draft kind that made the step's draft, and how many sessions its pass verified."""
+        self.last_batch = batch
+        self.shared_steps += batch > 1
         kind = (kind or "draft") if n_drafted else "none"
         share = self.by_kind.setdefault(kind, KindStats())
         share.steps, share.drafted, share.accepted, share.draft_s = (
@@ -289,7 +293,8 @@ class Client:
                 # 3 commit: accepted tokens + the target's bonus token
                 accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
                 self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
-                stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind)
+                stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind,
+                                  protocol.get_int(reply, "batch", 1, None, 1))
                 take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
         finally:  # done, or closed early: a drafter that keeps outputs (the lookup's index) gets the last batch
             if generation == self._generation and hasattr(self.drafter, "finish"):

@@ -49,6 +49,7 @@ class ModelInfo:
     max_positions: int  # the longest sequence one session may hold
     trees: bool = True  # one forward over a tree of pending nodes
     features: bool = True  # last-layer hidden states (what a draft head reads)
+    batches: bool = False  # ``forward_batch`` runs several sessions in one pass (else one after another)
 
     def describe(self) -> str:
         return f"{self.engine} engine, {self.weight_format} weights, {self.path}"
@@ -83,11 +84,33 @@ class LM(Protocol):
     def session(self, features: bool = False) -> Session:
         """A fresh state; ``features`` asks the forwards to return last-layer hidden states."""
 
+    def forward_batch(self, items: list[tuple[Session, list[int], list[int] | None, int | None]]
+                      ) -> list[Output | Exception | None]:
+        """Several sessions' forwards ``(session, tokens, parents, logits_for)``, one per session, in as
+        few passes as the engine can. Per item: its ``Output``, the exception that refused it (that
+        session is as it was), or None: not run for want of room, ask again after the others' ``keep``.
+        Each session's output is what its own ``forward`` gives, up to the engine's batch-size numerics."""
+
     def close(self) -> None: ...
 
 
 class EngineMissing(RuntimeError):
     pass
+
+
+class CacheFull(MemoryError):
+    """The engine's KV budget (cells, sequence ids) has no room for this forward now."""
+
+
+def forward_each(items) -> list:
+    """``forward_batch`` for an engine that runs sessions one at a time."""
+    results = []
+    for session, tokens, parents, logits_for in items:
+        try:
+            results.append(session.forward(tokens, parents, logits_for))
+        except (ValueError, CacheFull) as exc:
+            results.append(exc)
+    return results
 
 
 def choose_engine(engine: str, spec: str, home: Path, device: str = "cpu") -> str:

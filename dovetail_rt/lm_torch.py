@@ -113,6 +113,11 @@ class TorchLM:
     def session(self, features: bool = False) -> "TorchSession":
         return TorchSession(self.model, features)
 
+    def forward_batch(self, items: list) -> list:
+        """One session at a time: its caches are separate ``DynamicCache`` objects (padding them into
+        one batch is not built; the llama.cpp engine is the CPU target this serves)."""
+        return lm.forward_each(items)
+
     def close(self) -> None:
         pass
 

@@ -70,7 +70,7 @@ class Metrics:
         n_steps, n_drafted, n_accepted, verify_s = before
         drafted, accepted = stats.n_drafted - n_drafted, stats.n_accepted - n_accepted
         if stats.n_steps > n_steps:
-            self.verify.labels(batch="1").observe(stats.timings.verify_s - verify_s)
+            self.verify.labels(batch=str(stats.last_batch)).observe(stats.timings.verify_s - verify_s)
             if drafted:
                 self.drafts.inc()
                 self.draft_tokens.inc(drafted)

@@ -1,7 +1,9 @@
 """The CPU target side: sessions, prefill, one-pass tree verification, lossless acceptance.
 
-One process serves many draft sessions over a ROUTER socket, one request at a time (the CPU is
-the bottleneck; batching sessions is future work). Each session owns a model state (``lm.Session``,
+One process serves many draft sessions over a ROUTER socket. Requests that wait together are
+answered together: the VERIFYs of different sessions run as one forward pass (``on_verify_batch``:
+a CPU pass over several sessions' tokens costs far less than the passes apart), then each session
+accepts alone, with its own sampling generator. Each session owns a model state (``lm.Session``,
 on whichever engine the target was opened) that holds the committed tokens except the last one,
 the *root*, which the next VERIFY runs first.
 """
@@ -122,7 +124,52 @@ class Verifier:
         return self._result(s, [], first, out.features, time.perf_counter() - t0)
 
     def on_verify(self, identity: bytes, msg: Message) -> Message:
-        """One forward over root + draft tree, acceptance, cache compaction."""
+        reply = self.on_verify_batch([(identity, msg)])[0]
+        if isinstance(reply, ProtocolError):
+            raise reply
+        return reply
+
+    def on_verify_batch(self, requests: list[tuple[bytes, Message]]) -> list[Message | ProtocolError]:
+        """VERIFY from several sessions: one forward over every session's root + draft tree, then each
+        session accepts and commits exactly as it would alone. A refused request gets its error; the
+        others go on. ``requests`` holds at most one per session (``serve`` sees to it)."""
+        replies: list = [None] * len(requests)
+        waiting = []  # (index, session, tokens, tree)
+        for i, (identity, msg) in enumerate(requests):
+            try:
+                waiting.append((i, *self._verify_request(identity, msg)))
+            except ProtocolError as exc:
+                replies[i] = exc
+        while waiting:
+            group, later = (waiting, []) if self.target.info.batches else (waiting[:1], waiting[1:])
+            t0 = time.perf_counter()
+            # 1 forward: root + draft nodes of each session, each node seeing its own session's cache and ancestors
+            outs = self.target.forward_batch([(s.state, tokens, tree, None) for _, s, tokens, tree in group])
+            seconds, ran = time.perf_counter() - t0, sum(isinstance(o, lm.Output) for o in outs)
+            for (i, s, tokens, tree), out in zip(group, outs):
+                if out is None and not any(o is not None for o in outs):  # the engine found no room for any
+                    replies[i] = self._refused(lm.CacheFull("no room in the KV cache for this step"))
+                elif out is None:  # no room in this pass: the next one
+                    later.append((i, s, tokens, tree))
+                elif isinstance(out, Exception):
+                    replies[i] = self._refused(out)
+                else:
+                    # 2 accept: longest agreeing path + the target's own bonus token
+                    path, bonus = self._accept(s, tokens, tree, out.logits)
+                    # 3 commit: keep the root and the accepted path in the cache
+                    keep = [0] + path
+                    s.state.keep(keep)
+                    s.root = bonus
+                    # 4 reply: accepted tokens, bonus, features of root + accepted positions
+                    features = None if out.features is None else out.features[keep]
+                    replies[i] = self._result(s, [tokens[k] for k in path], bonus, features, seconds, ran)
+            waiting = later
+        for (_, msg), reply in zip(requests, replies):
+            reply.seq = msg.seq
+        return replies
+
+    def _verify_request(self, identity: bytes, msg: Message) -> tuple[Session, list[int], list[int]]:
+        """A VERIFY's session and its root + draft tree as one forward's tokens and parents, checked."""
         s = self.session(identity, msg)
         if s.root is None:
             raise ProtocolError("VERIFY before START: send the prompt first", "no_prompt")
@@ -132,26 +179,15 @@ class Verifier:
         why = sampling.validate_tree(parents, len(draft))
         if why:
             raise ProtocolError(f"draft is not a tree: {why}", "bad_tree")
-        t0 = time.perf_counter()
-        # 1 forward: root + draft nodes, each seeing the cache and its own ancestors
-        tokens, tree = [s.root] + draft, [-1] + parents
-        try:
-            out = s.state.forward(tokens, tree)  # logits [q, V], features [q, d] when asked for
-        except ValueError as exc:  # a tree this engine cannot run in one pass
-            s.state.truncate(s.state.length)
-            raise ProtocolError(str(exc), "bad_tree") from None
-        except Exception:
-            s.state.truncate(s.state.length)
-            raise
-        # 2 accept: longest agreeing path + the target's own bonus token
-        path, bonus = self._accept(s, tokens, tree, out.logits)
-        # 3 commit: keep the root and the accepted path in the cache
-        keep = [0] + path
-        s.state.keep(keep)
-        s.root = bonus
-        # 4 reply: accepted tokens, bonus, features of root + accepted positions
-        features = None if out.features is None else out.features[keep]
-        return self._result(s, [tokens[i] for i in path], bonus, features, time.perf_counter() - t0)
+        return s, [s.root] + draft, [-1] + parents
+
+    @staticmethod
+    def _refused(exc: Exception) -> ProtocolError:
+        if isinstance(exc, lm.CacheFull):
+            return ProtocolError(str(exc), "kv_full")
+        if isinstance(exc, ValueError):  # a tree this engine cannot run in one pass
+            return ProtocolError(str(exc), "bad_tree")
+        return ProtocolError(f"{type(exc).__name__}: {exc}", "internal")
 
     def on_end(self, identity: bytes, msg: Message) -> Message:
         s = self.session(identity, msg)
@@ -176,9 +212,10 @@ class Verifier:
         p = sampling.processed_probs(logits, s.params)  # [q, V]
         return sampling.accept_sampling(tokens, tree, p, s.generator)
 
-    def _result(self, s: Session, accepted, bonus, hidden, seconds) -> Message:
+    def _result(self, s: Session, accepted, bonus, hidden, seconds, sessions: int = 1) -> Message:
         msg = Message(MsgType.RESULT, fields={
             "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.state.length,
+            "batch": sessions,  # sessions in the forward pass that verified this step
         })
         if s.want_features and hidden is not None:
             msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
@@ -186,28 +223,75 @@ class Verifier:
 
     # ---- the socket loop ----------------------------------------------------------------------
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
-        """Answer requests until ``should_stop()``; a bad request never stops the loop."""
+        """Answer requests until ``should_stop()``; a bad request never stops the loop. Every request
+        waiting when a pass starts is answered together: VERIFYs from different sessions share one
+        forward (``on_verify_batch``)."""
         while not should_stop():
             if not sock.poll(poll_ms):
                 continue
-            identity, *body = sock.recv_multipart(copy=False)
-            reply = self.reply_to(identity.bytes, body)
+            waiting = []
+            while len(waiting) < self.config.max_sessions and sock.poll(0):
+                identity, *body = sock.recv_multipart(copy=False)
+                waiting.append((identity.bytes, body))
+            for identity, reply in self.reply_all(waiting):
+                try:
+                    sock.send_multipart([identity, *protocol.encode(reply)], copy=False)
+                except zmq.ZMQError as exc:
+                    log.warning("could not reply to peer %s (gone?): %s", identity.hex(), exc)
+
+    def reply_all(self, waiting: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
+        """Replies to requests that arrived together. Each peer's first VERIFY joins one batch (distinct
+        sessions, one forward); everything else is answered one by one after it, in arrival order (a
+        peer's later messages wait behind its earlier ones)."""
+        answers: list = [None] * len(waiting)
+        batch, later, held = [], [], set()  # held: peers with a message answered after the batch
+        for k, (identity, body) in enumerate(waiting):
             try:
-                sock.send_multipart([identity, *protocol.encode(reply)], copy=False)
-            except zmq.ZMQError as exc:
-                log.warning("could not reply to peer %s (gone?): %s", identity.bytes.hex(), exc)
+                msg = protocol.decode(body, self.config.link.max_message_bytes)
+            except ProtocolError as exc:
+                answers[k] = self._error_reply(identity, exc)
+                continue
+            if msg.type == MsgType.VERIFY and identity not in held:
+                held.add(identity)  # its next messages wait for this VERIFY's reply
+                batch.append((k, identity, msg))
+            else:
+                held.add(identity)
+                later.append((k, identity, msg))
+        if batch:
+            try:
+                replies = self.on_verify_batch([(identity, msg) for _, identity, msg in batch])
+            except Exception as exc:  # a failed pass must not take the verifier down
+                log.exception("internal error in a batched pass")
+                replies = [ProtocolError(f"{type(exc).__name__}: {exc}", "internal") for _ in batch]
+                for (_, _, msg), reply in zip(batch, replies):
+                    reply.seq = msg.seq
+            for (k, identity, _), reply in zip(batch, replies):
+                answers[k] = self._error_reply(identity, reply) if isinstance(reply, ProtocolError) else reply
+        for k, identity, msg in later:
+            answers[k] = self.answer(identity, msg)
+        return [(identity, reply) for (identity, _), reply in zip(waiting, answers)]
 
     def reply_to(self, identity: bytes, body: list) -> Message:
-        msg = None
         try:
             msg = protocol.decode(body, self.config.link.max_message_bytes)
+        except ProtocolError as exc:
+            return self._error_reply(identity, exc)
+        return self.answer(identity, msg)
+
+    def answer(self, identity: bytes, msg: Message) -> Message:
+        """The reply to one decoded request; an error reply when it is refused or fails."""
+        try:
             return self.handle(identity, msg)
         except ProtocolError as exc:
-            log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
-            return protocol.error(exc.seq, exc.code, str(exc))
+            return self._error_reply(identity, exc)
         except Exception as exc:  # a failed forward must not take the other sessions down
             log.exception("internal error while serving peer %s", identity.hex())
-            return protocol.error(msg.seq if msg else 0, "internal", f"{type(exc).__name__}: {exc}")
+            return protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _error_reply(identity: bytes, exc: ProtocolError) -> Message:
+        log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
+        return protocol.error(exc.seq, exc.code, str(exc))
 
 
 def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:

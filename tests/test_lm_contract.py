@@ -186,3 +186,77 @@ def test_requantized_file_opens_with_its_format(gguf_path, tmp_path, fmt):
     logits = opened.session().forward(PROMPT).logits
     assert torch.isfinite(logits).all() and logits.shape == (len(PROMPT), 99)
     opened.close()
+
+
+# ---- several sessions in one pass (the verifier batches sessions' VERIFY requests) ----------------
+def batch_items(model):
+    """Three sessions at different lengths, each with its own kind of forward: a one-token step,
+    a chain draft, a tree draft."""
+    a, b, c = prefill(model, PROMPT), prefill(model, PROMPT[:5]), prefill(model, PROMPT[::-1])
+    return [(a, [7], None, None), (b, [40, 41, 42], None, None), (c, TREE_TOKENS, TREE_PARENTS, None)]
+
+
+def test_batch_of_sessions_equals_each_session_alone(model):
+    items = batch_items(model)
+    together = model.forward_batch(items)
+    for s, *_ in items:
+        s.close()
+    alone = []
+    for s, tokens, parents, rows in batch_items(model):
+        alone.append(s.forward(tokens, parents, rows))
+        s.close()
+    for got, want in zip(together, alone):
+        torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
+
+
+def test_sessions_of_one_pass_keep_their_own_paths(model):
+    """After a batched pass and each session's keep, every session continues from its own tokens only."""
+    items = batch_items(model)
+    model.forward_batch(items)
+    (a, *_), (b, *_), (c, *_) = items
+    a.keep([0]), b.keep([0, 1]), c.keep([0, 2, 5, 6])
+    committed = [PROMPT + [7], PROMPT[:5] + [40, 41], PROMPT[::-1] + [TREE_TOKENS[i] for i in (0, 2, 5, 6)]]
+    nxt = model.forward_batch([(s, [9, 10], None, None) for s in (a, b, c)])
+    for s, out, tokens in zip((a, b, c), nxt, committed):
+        torch.testing.assert_close(out.logits, chain_logits(model, tokens + [9, 10])[-2:], atol=ATOL, rtol=0)
+        s.close()
+
+
+def test_a_refused_item_does_not_stop_the_others(model):
+    a, b = prefill(model, PROMPT), prefill(model, PROMPT[:4])
+    bad, good = model.forward_batch([(a, [1, 2], [-1, 7], None), (b, [3], None, None)])
+    assert isinstance(bad, ValueError) and "parent" in str(bad)
+    torch.testing.assert_close(good.logits, chain_logits(model, PROMPT[:4] + [3])[-1:], atol=ATOL, rtol=0)
+    assert a.length == len(PROMPT)
+    out = a.forward([1]).logits  # the refused session is as it was
+    torch.testing.assert_close(out, chain_logits(model, PROMPT + [1])[-1:], atol=ATOL, rtol=0)
+    a.close(), b.close()
+
+
+def test_batch_leaves_for_a_later_pass_what_does_not_fit(gguf_path):
+    pytest.importorskip("llama_cpp")
+    small = lm.open_lm(str(gguf_path), Path("."), "llamacpp", threads=1, n_ctx=256, n_batch=8)
+    a, b = prefill(small, PROMPT), prefill(small, PROMPT)
+    first, second = small.forward_batch([(a, [1, 2, 3, 4, 5], None, None), (b, [6, 7, 8, 9], None, None)])
+    assert first is not None and second is None  # 5 + 4 rows > a batch of 8: b waits, untouched
+    a.keep([0])
+    (second,) = small.forward_batch([(b, [6, 7, 8, 9], None, None)])
+    torch.testing.assert_close(second.logits, chain_logits(small, PROMPT + [6, 7, 8, 9])[-4:], atol=ATOL, rtol=0)
+    a.close(), b.close()
+    small.close()
+
+
+def test_a_full_kv_pool_is_refused_and_loses_nothing(gguf_path):
+    """Sessions share the KV budget: past it a forward raises CacheFull and the session is as it was."""
+    pytest.importorskip("llama_cpp")
+    small = lm.open_lm(str(gguf_path), Path("."), "llamacpp", threads=1, n_ctx=256, n_batch=256)
+    cells = small.kv_cells
+    a = prefill(small, [5] * (cells - 20))
+    b = prefill(small, PROMPT)
+    with pytest.raises(lm.CacheFull, match="full"):
+        b.forward([1] * 30)
+    assert b.length == len(PROMPT)
+    a.close()  # frees its cells: b goes on
+    torch.testing.assert_close(b.forward([1] * 30).logits[-1], chain_logits(small, PROMPT + [1] * 30)[-1], atol=ATOL, rtol=0)
+    b.close()
+    small.close()

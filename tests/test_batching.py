@@ -1,0 +1,78 @@
+"""Sessions batched in the verifier: VERIFYs of different sessions that wait together run as one
+forward pass, and each session gets exactly what it gets alone (greedy: the same tokens; seeded
+sampling: the same tokens for the same seed, since each session keeps its own generator)."""
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from dovetail_rt import Client
+from dovetail_rt.config import DraftConfig
+
+from conftest import VerifierProcess, noisy_copy, tiny_target, tiny_tokenizer
+
+PROMPTS = [[5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30)), [80, 81], [13, 14, 15, 16, 17], [3]]
+CONFIGS = [  # chains and trees side by side in one pass
+    DraftConfig(draft_max=3, p_min=0.0, adaptive=False),
+    DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6, adaptive=False),
+    DraftConfig(draft_max=1, p_min=0.0, adaptive=False),
+]
+N_NEW = 48
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "torch"])
+def verifier(request, tiny_dir, tmp_path_factory):
+    if request.param == "torch":  # sessions one at a time in the pass (the engine does not batch)
+        proc = VerifierProcess(tiny_dir)
+    else:
+        pytest.importorskip("llama_cpp")
+        from tiny_gguf import write_gguf
+
+        vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+        path = write_gguf(tiny_target(0, sharpen=30), vocab, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+        proc = VerifierProcess(path, "--engine", "llamacpp", "--ctx-size", "512")
+    yield proc
+    proc.stop()
+
+
+def generate_each(endpoint, requests, together: bool):
+    """Run each request on its own Client, all at once (threads released together) or one by one."""
+    draft = noisy_copy(tiny_target(0, sharpen=30), noise=0.3)
+    results = [None] * len(requests)
+    start = threading.Barrier(len(requests) if together else 1)
+
+    def run(i):
+        prompt, cfg, sampling = requests[i]
+        with Client(verifier=endpoint, draft=draft, draft_config=cfg, timeout_s=60) as client:
+            start.wait()
+            results[i] = client.generate(prompt, N_NEW, **sampling)
+
+    if together:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(len(requests)):
+            run(i)
+    return results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_batched_sessions_get_their_solo_outputs(verifier, sampling):
+    params = lambda i: {} if sampling == "greedy" else {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + i}
+    requests = [(p, CONFIGS[i % len(CONFIGS)], params(i)) for i, p in enumerate(PROMPTS)]
+    together = generate_each(verifier.endpoint, requests, together=True)
+    alone = generate_each(verifier.endpoint, requests, together=False)
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert a.token_ids == b.token_ids, f"request {i}: batched output differs from its solo output"
+        assert len(a.token_ids) == N_NEW
+    shared = sum(g.stats.shared_steps for g in together)
+    assert all(g.stats.shared_steps == 0 for g in alone)  # alone: every pass held one session
+    if verifier.target.get("engine") == "llamacpp":
+        assert shared > 0, "no two sessions ever shared a pass: the test did not exercise batching"
+    else:
+        assert shared == 0  # the torch engine runs sessions one at a time
