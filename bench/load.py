@@ -4,6 +4,7 @@ and lost or failed requests. A human table, then one JSON line.
 
     python bench/load.py [--streams 1,2,4,8,16] [--requests-per-stream 2] [-n 64] [--dataset humaneval]
                          [-m TARGET] [-md DRAFT] [--parallel 16] [--url http://127.0.0.1:8080 (a running server)]
+                         [--check-identity (the largest level again, each request alone: same outputs?)]
 
 Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child) and stops it after.
 """
@@ -45,20 +46,22 @@ def wait_ready(url: str, proc, timeout: float = 600) -> None:
 
 
 def one_stream(client, model: str, prompts: list[str], n: int, out: list) -> None:
-    """Send ``prompts`` one after another, streaming; record (ttft, tokens, seconds) or the failure."""
+    """Send ``prompts`` one after another, streaming; record (ttft, tokens, seconds, text) or the failure."""
     for text in prompts:
         t0 = time.perf_counter()
-        first, tokens = None, 0
+        first, tokens, parts = None, 0, []
         try:
             stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
                                                     max_tokens=n, temperature=0, stream=True,
                                                     stream_options={"include_usage": True})
             for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and first is None:
-                    first = time.perf_counter() - t0
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter() - t0
+                    parts.append(chunk.choices[0].delta.content)
                 if chunk.usage:
                     tokens = chunk.usage.completion_tokens
-            out.append({"ttft": first or 0.0, "tokens": tokens, "seconds": time.perf_counter() - t0})
+            out.append({"prompt": text, "ttft": first or 0.0, "tokens": tokens, "seconds": time.perf_counter() - t0,
+                        "text": "".join(parts)})
         except Exception as exc:  # counted, not raised: a load bench reports failures
             out.append({"error": f"{type(exc).__name__}: {exc}"})
 
@@ -81,7 +84,20 @@ def level(client, model: str, prompts: list[str], streams: int, per_stream: int,
             "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
             "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
             "per_stream_tok_s_median": statistics.median([r["tokens"] / r["seconds"] for r in ok]) if ok else 0.0,
-            "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3]}
+            "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3], "outputs": ok}
+
+
+def identity(client, model: str, row: dict, n: int) -> dict:
+    """Each request of a level run again alone, one after another: how many outputs are the same text
+    (greedy: they should all be; a difference comes from the engine's batch-size rounding at a near-tie)."""
+    alone = {}
+    for prompt in dict.fromkeys(r["prompt"] for r in row["outputs"]):
+        out: list = []
+        one_stream(client, model, [prompt], n, out)
+        alone[prompt] = out[0].get("text")
+    same = [r["text"] == alone[r["prompt"]] for r in row["outputs"]]
+    return {"streams": row["streams"], "requests": len(same), "identical": sum(same),
+            "differing_prompts": sorted({r["prompt"][:60] for r, ok in zip(row["outputs"], same) if not ok})}
 
 
 def main() -> int:
@@ -95,6 +111,8 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=16)
     p.add_argument("--url", default=None, help="a running server (else one is started)")
     p.add_argument("--out", default="bench/results", help="folder for the results JSON ('' = none)")
+    p.add_argument("--check-identity", action="store_true",
+                   help="after the levels, run the largest level's requests alone and compare the outputs")
     args = p.parse_args()
 
     from openai import OpenAI
@@ -118,6 +136,7 @@ def main() -> int:
         model = client.models.list().data[0].id
         level(client, model, prompts[:1], 1, 1, 4)  # warm-up, not measured
         rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n) for s in args.streams.split(",")]
+        same = identity(client, model, rows[-1], args.n) if args.check_identity else None
     finally:
         if proc is not None:
             proc.terminate()
@@ -129,9 +148,11 @@ def main() -> int:
         print(f"{r['streams']:7d} {r['ok']:4d} {r['failed']:4d} {r['lost']:4d} {r['aggregate_tok_s']:9.2f} "
               f"{r['aggregate_tok_s'] / base:5.2f}x {r['ttft_p50_s'] or 0:8.2f} {r['ttft_p99_s'] or 0:8.2f} "
               f"{r['per_stream_tok_s_median']:12.2f}")
+    if same:
+        print(f"{same['streams']} streams vs each request alone: {same['identical']}/{same['requests']} identical outputs")
     result = {"command": "python " + " ".join(sys.argv), "draft": args.model_draft, "n": args.n, "dataset": args.dataset,
               "parallel": args.parallel, "requests_per_stream": args.requests_per_stream,
-              "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows}
+              "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows, "identity": same}
     if args.out:
         out = Path(args.out) / time.strftime("load-%Y%m%d-%H%M%S.json")
         out.parent.mkdir(parents=True, exist_ok=True)

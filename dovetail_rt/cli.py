@@ -49,6 +49,9 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
     g.add_argument("-c", "--ctx-size", type=int, default=VerifierConfig.n_ctx,
                    help=f"llamacpp engine: KV cache tokens per session, prompt + output (default {VerifierConfig.n_ctx})")
     g.add_argument("--max-sessions", type=int, default=16, help="draft sessions served at once (oldest idle one closed past it)")
+    g.add_argument("--kv-budget", type=int, default=0, metavar="TOKENS",
+                   help="llamacpp engine: KV cache tokens all sessions share, allocated at start (default: --ctx-size x "
+                        "--max-sessions, at most a quarter of the free memory); past it a step is refused with kv_full")
 
 
 def add_draft_options(p: argparse.ArgumentParser, model_required: bool, generation: bool = True) -> None:
@@ -265,7 +268,7 @@ def cmd_verifier(args) -> int:
     from . import placement, verifier_main
 
     config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
-                            n_ctx=args.ctx_size, max_sessions=args.max_sessions,
+                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, kv_budget=args.kv_budget,
                             link=LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
                                             authorized_keys=args.authorized_keys, insecure=args.insecure))
     cpus = placement.parse_cpulist(args.cpus) if args.cpus else None

@@ -82,6 +82,7 @@ class VerifierConfig:
     dtype: str = "auto"  # torch engine: auto | float32 | bfloat16 (llama.cpp runs the file's own format)
     n_ctx: int = 4096  # llamacpp engine: KV cache tokens per session
     max_sessions: int = 16
+    kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)
     max_draft_tokens: int = 128  # per VERIFY request
     link: LinkConfig = LinkConfig()
 
@@ -95,6 +96,8 @@ class VerifierConfig:
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if self.kv_budget and self.kv_budget < self.n_ctx:
+            raise ValueError(f"--kv-budget {self.kv_budget} is less than one session's --ctx-size {self.n_ctx}")
         if self.max_draft_tokens < 1:
             raise ValueError("max_draft_tokens must be >= 1")
 

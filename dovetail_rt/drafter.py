@@ -242,7 +242,8 @@ def model_part(spec: str) -> str | None:
     return None if spec == LOOKUP else spec[len(LOOKUP) + 1:] if spec.startswith(LOOKUP + "+") else spec
 
 
-def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engine: str = "auto", threads: int | None = None):
+def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engine: str = "auto", threads: int | None = None,
+               sessions: int = 1):
     """-> (draft model, tokenizer or None) for ``make_drafter``. ``draft``: None (no draft), a spec
     (``ngram``: lookup in the context and earlier outputs; ``ngram+DRAFT``: that, else DRAFT; a Dovetail
     head folder, detected by its config, or a small LM: installed name, folder, .gguf, hub id), an
@@ -260,14 +261,14 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
     if draft is None or isinstance(draft, (draft_head.DraftHead, ngram.Lookup)) or hasattr(draft, "session"):
         return draft, None
     if isinstance(draft, Choice):
-        model, tokenizer = open_draft(draft.model, home, dtype, device, engine, threads)
+        model, tokenizer = open_draft(draft.model, home, dtype, device, engine, threads, sessions)
         return Choice(draft.lookup, model), tokenizer
     if model_part(str(draft)) is None:
         return ngram.Lookup(), None
     if model_part(str(draft)) == "":
         raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
     if model_part(str(draft)) != str(draft):
-        model, tokenizer = open_draft(model_part(str(draft)), home, dtype, device, engine, threads)
+        model, tokenizer = open_draft(model_part(str(draft)), home, dtype, device, engine, threads, sessions)
         if model is None or isinstance(model, (ngram.Lookup, Choice)):
             raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
         return Choice(ngram.Lookup(), model), tokenizer
@@ -283,7 +284,7 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
     engine = lm.choose_engine(engine, str(draft), home, device)
     if engine == "torch" and dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "int8"
-    model = lm.open_lm(str(draft), home, engine, dtype=dtype, device=device, threads=threads)
+    model = lm.open_lm(str(draft), home, engine, dtype=dtype, device=device, threads=threads, sessions=sessions)
     tokenizer = getattr(model, "tokenizer", None) or store.load_tokenizer(str(draft), home)
     return model, tokenizer
 

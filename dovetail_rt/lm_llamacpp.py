@@ -120,15 +120,16 @@ def requantize(src: Path, dst: Path, fmt: str, threads: int | None = None) -> No
 
 
 def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4096, n_batch: int = 256,
-               max_tree: int = 64, numa: bool = False, kv_cells: int | None = None, **_ignored) -> "LlamaCppLM":
+               max_tree: int = 64, numa: bool = False, sessions: int = 1, kv_cells: int | None = None,
+               **_ignored) -> "LlamaCppLM":
     """Open the GGUF behind ``spec`` (a .gguf path or an installed default, see ``store.gguf_file``).
     ``n_ctx``: the most tokens one session holds; ``kv_cells``: the KV pool all sessions share
-    (default ``n_ctx``, one session's worth), capped to a quarter of the memory available now."""
+    (default ``n_ctx`` x ``sessions``), capped to a quarter of the memory available now."""
     path = store.gguf_file(spec, home)
     if path is None:
         raise store.ModelNotFound(f"'{spec}' has no GGUF file for the llama.cpp engine: pass a .gguf file or an "
                                   "installed default (`dovetail models install`), or use --engine torch")
-    return LlamaCppLM(spec, path, threads, n_ctx, n_batch, max_tree, numa, kv_cells)
+    return LlamaCppLM(spec, path, threads, n_ctx, n_batch, max_tree, numa, kv_cells or n_ctx * sessions)
 
 
 N_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids 0..255, lent to sessions and tree nodes

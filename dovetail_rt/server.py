@@ -113,7 +113,8 @@ class Backend:
         cfg = self.config
         try:
             endpoint = cfg.verifier or self.child.wait_ready().endpoint
-            draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine)
+            draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine,
+                                          sessions=cfg.parallel)
             for _ in range(cfg.parallel):
                 self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
                                            draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,

@@ -346,3 +346,11 @@ def memory_report() -> str:
 
 def open_socket(config: VerifierConfig) -> tuple[zmq.Socket, str, object | None]:
     return transport.bind_router(zmq.Context.instance(), config.link)
+
+
+def kv_report(target: lm.LM) -> str:
+    """The shared KV pool's size, for engines that allocate one up front (llama.cpp)."""
+    cells = getattr(target, "kv_cells", None)
+    if not cells:
+        return ""
+    return f"; KV pool {cells} tokens shared by all sessions ({cells * target.kv_bytes_per_token() / 2**30:.2f} GiB)"

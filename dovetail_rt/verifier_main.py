@@ -22,12 +22,13 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     import torch
 
     from . import lm
-    from .verifier import Verifier, curve_key, load_verify_curve, memory_report, open_socket
+    from .verifier import Verifier, curve_key, kv_report, load_verify_curve, memory_report, open_socket
 
     torch.set_num_threads(where.threads)
     t0 = time.perf_counter()
     target = lm.open_lm(config.model, config.home, config.engine, dtype=config.dtype, threads=where.threads,
-                        n_ctx=config.n_ctx, max_tree=config.max_draft_tokens + 1, numa=where.multi_node)
+                        n_ctx=config.n_ctx, max_tree=config.max_draft_tokens + 1, numa=where.multi_node,
+                        sessions=config.max_sessions, kv_cells=config.kv_budget or None)
     info = target.info
     if info.engine != "torch":  # torch only samples here: keep its thread pool from spinning against llama.cpp's
         torch.set_num_threads(1)
@@ -38,7 +39,7 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     print(f"dovetail verifier: {config.model} loaded in {time.perf_counter() - t0:.1f} s\n"
           f"  engine:    {info.engine}, weights {info.weight_format}, {info.path}\n"
           f"  placement: {where.describe()} ({where.threads} threads)\n"
-          f"  memory:    {memory_report()}\n"
+          f"  memory:    {memory_report()}{kv_report(target)}\n"
           f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
           f"  listening: {endpoint}"
           + (f" (CURVE: keys from {Path(link.authorized_keys)} only)" if link.curve else
