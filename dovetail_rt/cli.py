@@ -48,7 +48,14 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
                         "float32 (the llama.cpp engine runs the file's own weight format)")
     g.add_argument("-c", "--ctx-size", type=int, default=VerifierConfig.n_ctx,
                    help=f"llamacpp engine: KV cache tokens per session, prompt + output (default {VerifierConfig.n_ctx})")
-    g.add_argument("--max-sessions", type=int, default=16, help="draft sessions served at once (oldest idle one closed past it)")
+    g.add_argument("--max-sessions", type=int, default=VerifierConfig.max_sessions,
+                   help="draft sessions served at once; past it a new one is refused as busy, with when to retry "
+                        f"(default {VerifierConfig.max_sessions})")
+    g.add_argument("--max-sessions-per-peer", type=int, default=VerifierConfig.max_sessions_per_peer,
+                   help=f"sessions one draft connection may hold (default {VerifierConfig.max_sessions_per_peer})")
+    g.add_argument("--idle-timeout", type=float, default=VerifierConfig.idle_timeout_s, metavar="SECONDS",
+                   help="a session unused this long is closed and its KV memory freed; its client reopens one "
+                        f"(default {VerifierConfig.idle_timeout_s:.0f})")
     g.add_argument("--kv-budget", type=int, default=0, metavar="TOKENS",
                    help="llamacpp engine: KV cache tokens all sessions share, allocated at start (default: --ctx-size x "
                         "--max-sessions, at most a quarter of the free memory); past it a step is refused with kv_full")
@@ -269,6 +276,7 @@ def cmd_verifier(args) -> int:
 
     config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
                             n_ctx=args.ctx_size, max_sessions=args.max_sessions, kv_budget=args.kv_budget,
+                            max_sessions_per_peer=args.max_sessions_per_peer, idle_timeout_s=args.idle_timeout,
                             link=LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
                                             authorized_keys=args.authorized_keys, insecure=args.insecure))
     cpus = placement.parse_cpulist(args.cpus) if args.cpus else None
@@ -287,14 +295,14 @@ def read_prompt(args) -> str:
         raise SystemExit(f"dovetail: cannot read the prompt file: {exc}")
 
 
-def cmd_generate(args, endpoint: str | None = None) -> int:
+def cmd_generate(args, endpoint: str | None = None, reconnect=None) -> int:
     from .client import Client
     from .detok import IncrementalDetokenizer
 
     keys = {} if endpoint else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
     client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
                     draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype,
-                    engine=args.draft_engine, **keys)
+                    engine=args.draft_engine, reconnect=reconnect, **keys)
     with client:
         ids = client.encode(read_prompt(args), chat=args.chat)
         stream = None if args.json else IncrementalDetokenizer(client.tokenizer)
@@ -353,7 +361,21 @@ def cmd_run(args) -> int:
         if value is not None:
             extra += [flag, str(value)]
     with VerifierChild(args.model, args.dtype, extra) as child:
-        return cmd_generate(args, child.endpoint)
+        restarted = []
+
+        def reconnect() -> str:  # a lost session: the same child if it lives, else a new one, once
+            if child.proc.poll() is None:
+                return child.endpoint
+            if restarted:
+                from .transport import LinkError
+
+                raise LinkError("the verifier child died a second time: not restarting it again")
+            restarted.append(child.proc.returncode)
+            print(f"dovetail: the verifier exited (code {child.proc.returncode}) mid-generation; restarting it once "
+                  "and resuming", file=sys.stderr, flush=True)
+            return child.restart()
+
+        return cmd_generate(args, child.endpoint, reconnect)
 
 
 def cmd_serve(args) -> int:

@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 class VerifierError(RuntimeError):
     """The verifier refused a request; ``code`` says why (see the protocol spec)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"verifier refused the request [{code}]: {message}")
-        self.code = code
+        self.code, self.retry_after = code, retry_after  # retry_after: seconds, with ``busy``
 
 
 @dataclass
@@ -68,6 +68,7 @@ class GenerationStats:
     timings: Timings = field(default_factory=Timings)
     by_kind: dict[str, KindStats] = field(default_factory=dict)  # draft kind -> its steps (``none``: nothing drafted)
     shared_steps: int = 0  # steps verified in one pass with other sessions' steps
+    resumed: int = 0  # times the session was lost (verifier restart, reclaimed) and resumed on a new one
     last_batch: int = 1  # sessions in the pass that verified the last step
 
     def record_step(self, n_drafted: int, n_accepted: int, draft_s: float, verify_s: float, round_trip_s: float,
@@ -123,9 +124,12 @@ class Client:
         engine: str = "auto",
         curve_secret_key: str | None = None,
         curve_server_key: str | None = None,
+        reconnect=None,
     ):
         """``curve_secret_key`` / ``curve_server_key``: this host's secret key file and the verifier's public
-        key file (`dovetail keys generate`), for a verifier that listens with keys (CURVE)."""
+        key file (`dovetail keys generate`), for a verifier that listens with keys (CURVE).
+        A session lost mid-generation (the verifier restarted, or closed it idle) is reopened and resumed
+        within ``timeout_s``; ``reconnect()`` (optional) gives the endpoint to reopen it at (a restarted child's)."""
         self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s, curve_secret_key=curve_secret_key,
                                curve_server_key=curve_server_key)
         if self.link.curve and not self.link.curve_server_key:
@@ -133,9 +137,7 @@ class Client:
         self.device = resolve_device(device)
         model, loaded_tok = open_draft(draft, home or dovetail_home(), dtype, self.device, engine)
         self.tokenizer = tokenizer or loaded_tok
-        self.conn = transport.Connection(self.link.endpoint, self.link.timeout_s, self.link.max_message_bytes,
-                                         curve=(self.link.curve_secret_key, self.link.curve_server_key)
-                                         if self.link.curve else None)
+        self.conn, self._reconnect = self._connect(self.link.endpoint), reconnect
         self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()
@@ -151,11 +153,39 @@ class Client:
             raise
 
     # ---- session ------------------------------------------------------------------------------
+    def _connect(self, endpoint: str) -> transport.Connection:
+        return transport.Connection(endpoint, self.link.timeout_s, self.link.max_message_bytes,
+                                    curve=(self.link.curve_secret_key, self.link.curve_server_key) if self.link.curve else None)
+
     def _request(self, msg: Message) -> Message:
         reply = self.conn.request(msg)
         if reply.type == MsgType.ERROR:
-            raise VerifierError(str(reply.fields.get("code")), str(reply.fields.get("message")))
+            retry = reply.fields.get("retry_after")
+            raise VerifierError(str(reply.fields.get("code")), str(reply.fields.get("message")),
+                                float(retry) if isinstance(retry, (int, float)) else None)
         return reply
+
+    def _resume(self, committed: list[int], start: dict, why: Exception) -> Message:
+        """The session is gone (``why``): open a new one, at ``reconnect()``'s endpoint if given, and
+        prefill the committed context there; the reply's bonus is the next token. Within the timeout,
+        else a clear error. Greedy output is unchanged; sampling keeps the target's distribution."""
+        log.warning("verifier session lost (%s): resuming on a new session from %d tokens", why, len(committed))
+        endpoint = self._reconnect() if self._reconnect else self.conn.endpoint
+        self.conn.close()
+        self.conn, self.session = self._connect(endpoint), None  # a new connection: the old one's sessions are gone
+        try:
+            self._hello()
+            reply = self._request(Message(MsgType.START, fields=dict(start, session=self.session, prompt=committed)))
+        except (transport.LinkError, VerifierError) as exc:
+            raise transport.LinkError(f"the verifier session was lost ({why}) and could not be resumed at {endpoint}: "
+                                      f"{exc}") from exc
+        self.drafter.reset()
+        self.drafter.observe(Feedback(reply.tensors.get("features")))
+        return reply
+
+    @staticmethod
+    def _lost(exc: Exception) -> bool:
+        return isinstance(exc, transport.LinkLost) or (isinstance(exc, VerifierError) and exc.code == "unknown_session")
 
     def _missing_capability(self, config: DraftConfig) -> str | None:
         """Why this draft cannot work with the verifier's engine (WELCOME says what it can do)."""
@@ -262,10 +292,14 @@ class Client:
         eos = set(self.target.get("eos", [])) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
-        reply = self._request(Message(MsgType.START, fields={
-            "session": self.session, "prompt": list(input_ids), "temperature": float(temperature),
-            "top_k": int(top_k), "top_p": float(top_p), "seed": seed, "features": self.drafter.wants_features,
-        }))
+        start = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "seed": seed,
+                 "features": self.drafter.wants_features}
+        try:
+            reply = self._request(Message(MsgType.START, fields=dict(start, session=self.session, prompt=list(input_ids))))
+        except (transport.LinkLost, VerifierError) as exc:
+            if not self._lost(exc):
+                raise
+            reply = self._resume(list(input_ids), start, exc)
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
@@ -286,13 +320,23 @@ class Client:
                 draft = self.drafter.propose(committed, budget=min(left - 1, max_draft))
                 t2 = time.perf_counter()
                 # 2 send: the verifier runs root + draft in one forward and accepts losslessly
-                reply = self._request(Message(MsgType.VERIFY, fields={
-                    "session": self.session, "tokens": draft.tokens, "parents": draft.parents,
-                }))
+                try:
+                    reply = self._request(Message(MsgType.VERIFY, fields={
+                        "session": self.session, "tokens": draft.tokens, "parents": draft.parents,
+                    }))
+                except (transport.LinkLost, VerifierError) as exc:
+                    if not self._lost(exc):
+                        raise
+                    stats.resumed += 1  # the target prefills what is committed and gives the next token
+                    if seed is not None:  # a seeded stream the earlier tokens did not draw from
+                        start = dict(start, seed=(seed + 1_000_003 * len(committed)) % (1 << 63))
+                    take = _until_done([self._resume(committed, start, exc).fields["bonus"]], left, eos)
+                    continue
                 t3 = time.perf_counter()
                 # 3 commit: accepted tokens + the target's bonus token
                 accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
-                self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1))
+                self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1,
+                                              protocol.get_int(reply, "rows", 0, None, 0)))
                 stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind,
                                   protocol.get_int(reply, "batch", 1, None, 1))
                 take = _until_done(accepted + [reply.fields["bonus"]], left, eos)

@@ -81,7 +81,9 @@ class VerifierConfig:
     engine: str = "auto"  # auto: llamacpp for a GGUF target (an installed default keeps its GGUF), else torch
     dtype: str = "auto"  # torch engine: auto | float32 | bfloat16 (llama.cpp runs the file's own format)
     n_ctx: int = 4096  # llamacpp engine: KV cache tokens per session
-    max_sessions: int = 16
+    max_sessions: int = 16  # past it HELLO is refused with ``busy`` (no session is ever closed to make room)
+    max_sessions_per_peer: int = 4  # sessions one connection may hold
+    idle_timeout_s: float = 600.0  # a session unused this long is closed and its KV memory freed
     kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)
     max_draft_tokens: int = 128  # per VERIFY request
     link: LinkConfig = LinkConfig()
@@ -96,6 +98,8 @@ class VerifierConfig:
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if self.max_sessions_per_peer < 1 or self.idle_timeout_s <= 0:
+            raise ValueError("--max-sessions-per-peer must be >= 1 and --idle-timeout > 0")
         if self.kv_budget and self.kv_budget < self.n_ctx:
             raise ValueError(f"--kv-budget {self.kv_budget} is less than one session's --ctx-size {self.n_ctx}")
         if self.max_draft_tokens < 1:

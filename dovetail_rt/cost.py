@@ -5,7 +5,10 @@
 
 T_V(q) is the verifier's forward time over q tokens (root + k drafts): a prior from the
 verifier's measured curve (``dovetail bench --verify-curve``, sent in WELCOME) refined online
-from the ``verify_s`` of every step; T_D is the draft's time per token, measured online. The
+from the ``verify_s`` of every step; T_D is the draft's time per token, measured online.
+Sessions batched in one pass: a step's q tokens ride with ``others`` rows of other sessions (as in
+the last pass), so its cost is T_V(others + q), learned at the pass's whole row count; where the
+curve flattens with rows (a CPU past its GEMV regime), a busy verifier makes longer drafts pay. The
 acceptance chance of each draft token is the draft's own probability times a running calibration
 per depth (accepted over predicted).
 
@@ -47,6 +50,7 @@ class CostModel:
         self.reached: list[float] = []  # per depth: running count of steps that drafted that deep
         self.idle_steps = 0  # steps in a row that drafted nothing
         self.probe_every = PROBE_EVERY
+        self.others = 0  # rows of other sessions in the last verifier pass
 
     @property
     def knows_verify(self) -> bool:
@@ -67,14 +71,14 @@ class CostModel:
         depth; True until that is measured, and on a probe."""
         if not self.ready or not self.reached or self.probing:
             return True
-        alone = 1.0 / self.verify_time(1)
+        alone = 1.0 / self.pass_time(1)
         expected, depth = 1.0, 0
         for k in range(1, max_tokens + 1):
             if depth < len(self.reached) and self.reached[depth] > 0.5:
                 expected += self.accepted[depth] / self.reached[depth]  # P(accepted length >= k)
                 depth += 1
             q = (tree_tokens if tree_tokens else k + 1)
-            if expected / ((k + 1) * self.t_draft + self.verify_time(q)) > alone:
+            if expected / ((k + 1) * self.t_draft + self.pass_time(q)) > alone:
                 return True
         return False
 
@@ -89,7 +93,7 @@ class CostModel:
         return c
 
     def observe(self, n_drafted: int, n_accepted: int, predicted: list[float], verify_s: float, draft_s: float,
-                catch_up: tuple[float, int] = (0.0, 0)) -> None:
+                catch_up: tuple[float, int] = (0.0, 0), rows: int = 0) -> None:
         """One verified step. ``predicted[d]``: the draft's own (uncalibrated) chances summed over
         the nodes at depth d + 1, i.e. its estimate of P(accepted length > d). ``catch_up``: the
         seconds and tokens of the draft's catch-up inside ``draft_s``; a long one (the prompt, or the
@@ -103,7 +107,7 @@ class CostModel:
         elif n_drafted:
             self.probe_every = PROBE_EVERY
         self.idle_steps = 0 if n_drafted else self.idle_steps + 1
-        self.observe_verify(q, verify_s)
+        self.observe_pass(q, rows, verify_s)
         if not n_drafted and draft_s < 1e-3:  # the draft did not run (drafting off): no draft time to learn
             return
         per_token = draft_s / (n_drafted + 1)  # one catch-up forward + one per drafted token
@@ -114,6 +118,13 @@ class CostModel:
             self.predicted[d] = (1 - EMA) * self.predicted[d] + p
             self.accepted[d] = (1 - EMA) * self.accepted[d] + (n_accepted > d)
             self.reached[d] = (1 - EMA) * self.reached[d] + 1.0
+
+    def observe_pass(self, q: int, rows: int, seconds: float) -> None:
+        """A pass of ``rows`` tokens (0: just this step's ``q``) took ``seconds``: T_V(rows), and the
+        rows the next step will likely share its pass with."""
+        rows = max(rows, q)
+        self.others = rows - q
+        self.observe_verify(rows, seconds)
 
     def observe_verify(self, q: int, seconds: float) -> None:
         """One measured T_V(q): a running average per q."""
@@ -136,10 +147,14 @@ class CostModel:
         slope = max((t1 - t0) / (q1 - q0), 0.0)
         return max(t0 + slope * (q - q0), 1e-6)
 
+    def pass_time(self, q: int) -> float:
+        """What verifying q tokens of this session costs: a pass with the other sessions' rows."""
+        return self.verify_time(q + self.others)
+
     def rate(self, p_all: list[float]) -> float:
         """Expected tokens per second when drafting len(p_all) tokens; p_all[j] = P(first j+1 accepted)."""
         k = len(p_all)
-        return (1.0 + sum(p_all)) / (k * self.t_draft + self.verify_time(k + 1))
+        return (1.0 + sum(p_all)) / (k * self.t_draft + self.pass_time(k + 1))
 
     def extend_chain(self, p_all: list[float], p_next: float) -> bool:
         """Whether drafting one more chain token (acceptance chance ``p_next``) raises the expected
@@ -149,10 +164,10 @@ class CostModel:
     def tree_size(self, chances: list[float], grow_s: float) -> int:
         """How many of a grown tree's best nodes to send (0..len(chances), at least 1 when probing);
         needs the curve."""
-        best_n, best, expected = 0, 1.0 / (grow_s + self.verify_time(1)), 1.0
+        best_n, best, expected = 0, 1.0 / (grow_s + self.pass_time(1)), 1.0
         for n, p_n in enumerate(sorted(chances, reverse=True), start=1):
             expected += p_n
-            rate = expected / (grow_s + self.verify_time(n + 1))
+            rate = expected / (grow_s + self.pass_time(n + 1))
             if rate > best:
                 best_n, best = n, rate
         return max(best_n, min(len(chances), int(self.probing)))

@@ -41,6 +41,7 @@ class Feedback:
     n_accepted: int = 0
     verify_s: float = 0.0
     draft_s: float = 0.0
+    rows: int = 0  # tokens in the verifier pass, every session's (0: this step's own)
 
 
 def size_tree(draft: DraftTree, cost: CostModel, config: DraftConfig, started: float) -> tuple[DraftTree, list[float]]:
@@ -115,7 +116,7 @@ class DraftLM:
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
             self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s, self.catch_up)
+                              feedback.verify_s, feedback.draft_s, self.catch_up, feedback.rows)
         self.catch_up = (0.0, 0)
 
     @torch.inference_mode()
@@ -343,7 +344,7 @@ class HeadDrafter:
     def observe(self, feedback: Feedback) -> None:
         if feedback.n_drafted or feedback.verify_s:
             self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s, self.catch_up)
+                              feedback.verify_s, feedback.draft_s, self.catch_up, feedback.rows)
         self.catch_up = (0.0, 0)
         if feedback.features is not None:
             f = feedback.features.to(self.head.lm_head.weight.device)

@@ -19,14 +19,24 @@ class VerifierChild:
 
     def __init__(self, model: str, dtype: str = "auto", extra: list[str] | None = None, env: dict | None = None,
                  wait: bool = True):
-        read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", "-m", model, "--dtype", dtype,
-               "--listen", "tcp://127.0.0.1:0", "--ready-fd", str(write_fd), "--exit-with-parent", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env)
-        os.close(write_fd)
-        self.ready_fd, self.endpoint, self.target = read_fd, "", {}
+        self.model, self.extra, self.env = ["-m", model, "--dtype", dtype], list(extra or []), env
+        self._spawn()
         if wait:
             self.wait_ready()
+
+    def _spawn(self) -> None:
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *self.model, "--listen", "tcp://127.0.0.1:0",
+               "--ready-fd", str(write_fd), "--exit-with-parent", *self.extra]
+        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=self.env)
+        os.close(write_fd)
+        self.ready_fd, self.endpoint, self.target = read_fd, "", {}
+
+    def restart(self) -> str:
+        """A new child with the same model and flags (after this one died); its endpoint."""
+        self.stop()
+        self._spawn()
+        return self.wait_ready().endpoint
 
     def wait_ready(self) -> "VerifierChild":
         """Block until the child listens (its endpoint and what it runs), or raise if it exited first."""

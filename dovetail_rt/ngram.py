@@ -272,7 +272,7 @@ class NgramDrafter:
 
     def observe(self, feedback) -> None:
         if feedback.verify_s:  # 0: the step was another draft kind's (Chooser), its timing not ours
-            self.verify.observe_verify(feedback.n_drafted + 1, feedback.verify_s)
+            self.verify.observe_pass(feedback.n_drafted + 1, feedback.rows, feedback.verify_s)
         if self.last is not None:
             b, depth = self.last
             self.runs[b].observe(depth if feedback.verify_s else 0, feedback.n_accepted)

@@ -46,10 +46,11 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 class ProtocolError(ValueError):
     """A message that cannot be decoded; ``code`` is sent back in the ERROR reply."""
 
-    def __init__(self, message: str, code: str = "malformed"):
+    def __init__(self, message: str, code: str = "malformed", **fields):
         super().__init__(message)
         self.code = code
         self.seq = 0
+        self.fields = fields  # more fields for the ERROR reply (``retry_after`` with ``busy``)
 
 
 @dataclass
@@ -180,8 +181,8 @@ def get_int_list(msg: Message, key: str, lo: int, hi: int, max_len: int) -> list
     return value
 
 
-def error(seq: int, code: str, text: str, session: int | None = None) -> Message:
-    fields = {"code": code, "message": text}
+def error(seq: int, code: str, text: str, session: int | None = None, **extra) -> Message:
+    fields = {"code": code, "message": text, **extra}
     if session is not None:
         fields["session"] = session
     return Message(MsgType.ERROR, seq, fields)

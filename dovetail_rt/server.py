@@ -104,6 +104,15 @@ class Backend:
             self.child = VerifierChild(self.config.model, "auto", ["--max-sessions", str(self.config.parallel + 1),
                                                                    *self.config.verifier_args], wait=False)
 
+    def _reconnect(self, endpoint: str) -> str:
+        """Where a Client reopens a lost session (reclaimed idle, a remote verifier restarted): the same
+        endpoint; not a child verifier that exited (the request fails now and /health says why)."""
+        if self.child is not None and self.child.proc.poll() is not None:
+            from .transport import LinkError
+
+            raise LinkError(f"the verifier exited (code {self.child.proc.returncode})")
+        return endpoint
+
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
         from . import store
@@ -119,7 +128,8 @@ class Backend:
                 self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
                                            draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,
                                            curve_secret_key=cfg.curve_secret_key if cfg.verifier else None,
-                                           curve_server_key=cfg.curve_server_key if cfg.verifier else None))
+                                           curve_server_key=cfg.curve_server_key if cfg.verifier else None,
+                                           reconnect=lambda: self._reconnect(endpoint)))
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:

@@ -18,6 +18,10 @@ class LinkError(RuntimeError):
     """The peer is gone, silent past the timeout, or sent something unusable."""
 
 
+class LinkLost(LinkError):
+    """The verifier stopped answering or closed the connection: a new session may recover."""
+
+
 def _common(sock: zmq.Socket, max_bytes: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     # Hard cap per frame in the ZeroMQ engine (a peer that exceeds it is disconnected); the
@@ -107,7 +111,7 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 hint = "" if self.connected_once else " (no connection was ever made: is `dovetail verifier` running there?)"
-                raise LinkError(f"verifier at {self.endpoint} did not answer within {timeout_s or self.timeout_s:.1f} s{hint}")
+                raise LinkLost(f"verifier at {self.endpoint} did not answer within {timeout_s or self.timeout_s:.1f} s{hint}")
             events = dict(self.poller.poll(timeout=left * 1000))
             if self.monitor in events:
                 self._check_monitor()
@@ -135,7 +139,7 @@ class Connection:
                 raise LinkError(f"the security handshake with {self.endpoint} failed: both sides need keys (CURVE) or "
                                 "neither; check --curve-server-key is the verifier's public key")
             elif event == zmq.EVENT_DISCONNECTED:
-                raise LinkError(f"verifier at {self.endpoint} closed the connection (it stopped or crashed)")
+                raise LinkLost(f"verifier at {self.endpoint} closed the connection (it stopped or crashed)")
 
     def close(self) -> None:
         try:

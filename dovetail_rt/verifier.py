@@ -80,10 +80,8 @@ class Verifier:
         mismatch = tokenizer_mismatch(draft_vocab, self.vocab)
         if mismatch:
             raise ProtocolError(mismatch, "tokenizer_mismatch")
-        if len(self.sessions) >= self.config.max_sessions:
-            oldest = min(self.sessions.values(), key=lambda s: s.last_used)
-            log.info("session limit %d reached: closing idle session %d", self.config.max_sessions, oldest.id)
-            self._close(oldest)
+        self.reclaim_idle()
+        self._check_room(identity)
         sid = secrets.randbits(62)
         self.sessions[sid] = Session(sid, identity)
         log.info("session %d opened (%d open)", sid, len(self.sessions))
@@ -145,7 +143,9 @@ class Verifier:
             t0 = time.perf_counter()
             # 1 forward: root + draft nodes of each session, each node seeing its own session's cache and ancestors
             outs = self.target.forward_batch([(s.state, tokens, tree, None) for _, s, tokens, tree in group])
-            seconds, ran = time.perf_counter() - t0, sum(isinstance(o, lm.Output) for o in outs)
+            seconds = time.perf_counter() - t0
+            ran = [tokens for (_, _, tokens, _), o in zip(group, outs) if isinstance(o, lm.Output)]
+            shared = {"batch": len(ran), "rows": sum(map(len, ran))}  # sessions and tokens in this pass
             for (i, s, tokens, tree), out in zip(group, outs):
                 if out is None and not any(o is not None for o in outs):  # the engine found no room for any
                     replies[i] = self._refused(lm.CacheFull("no room in the KV cache for this step"))
@@ -162,7 +162,7 @@ class Verifier:
                     s.root = bonus
                     # 4 reply: accepted tokens, bonus, features of root + accepted positions
                     features = None if out.features is None else out.features[keep]
-                    replies[i] = self._result(s, [tokens[k] for k in path], bonus, features, seconds, ran)
+                    replies[i] = self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
             waiting = later
         for (_, msg), reply in zip(requests, replies):
             reply.seq = msg.seq
@@ -195,6 +195,30 @@ class Verifier:
         log.info("session %d closed (%d open)", s.id, len(self.sessions))
         return Message(MsgType.BYE, fields={"session": s.id})
 
+    # ---- limits -----------------------------------------------------------------------------
+    def _check_room(self, identity: bytes) -> None:
+        """A new session must not cost anyone else theirs: past a limit HELLO is refused with ``busy``
+        (and when to retry), never by closing another peer's session."""
+        cfg, now = self.config, time.monotonic()
+        mine = sum(s.identity == identity for s in self.sessions.values())
+        if mine >= cfg.max_sessions_per_peer:
+            raise ProtocolError(f"this connection already holds {mine} sessions, the most one connection may: END one "
+                                "before opening another", "busy", retry_after=1)
+        if len(self.sessions) >= cfg.max_sessions:
+            soonest = min(s.last_used for s in self.sessions.values()) + cfg.idle_timeout_s - now
+            retry = max(1, int(soonest + 1))
+            raise ProtocolError(f"the verifier serves {cfg.max_sessions} sessions, its limit: retry in {retry} s (an idle "
+                                f"session is reclaimed after {cfg.idle_timeout_s:.0f} s), or start it with a larger "
+                                "--max-sessions", "busy", retry_after=retry)
+
+    def reclaim_idle(self) -> None:
+        """Close the sessions nobody used for ``idle_timeout_s`` (a draft process that died or left
+        without END): their KV memory goes back to the pool."""
+        cutoff = time.monotonic() - self.config.idle_timeout_s
+        for s in [s for s in self.sessions.values() if s.last_used < cutoff]:
+            self._close(s)
+            log.info("session %d reclaimed after %.0f s idle (%d open)", s.id, self.config.idle_timeout_s, len(self.sessions))
+
     # ---- helpers ----------------------------------------------------------------------------
     def _close(self, s: Session) -> None:
         self._drop_state(s)
@@ -212,10 +236,10 @@ class Verifier:
         p = sampling.processed_probs(logits, s.params)  # [q, V]
         return sampling.accept_sampling(tokens, tree, p, s.generator)
 
-    def _result(self, s: Session, accepted, bonus, hidden, seconds, sessions: int = 1) -> Message:
+    def _result(self, s: Session, accepted, bonus, hidden, seconds, batch: int = 1, rows: int = 0) -> Message:
         msg = Message(MsgType.RESULT, fields={
             "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.state.length,
-            "batch": sessions,  # sessions in the forward pass that verified this step
+            "batch": batch, "rows": rows,  # sessions and tokens in the forward pass that verified this step
         })
         if s.want_features and hidden is not None:
             msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
@@ -228,6 +252,7 @@ class Verifier:
         forward (``on_verify_batch``)."""
         while not should_stop():
             if not sock.poll(poll_ms):
+                self.reclaim_idle()
                 continue
             waiting = []
             while len(waiting) < self.config.max_sessions and sock.poll(0):
@@ -291,7 +316,7 @@ class Verifier:
     @staticmethod
     def _error_reply(identity: bytes, exc: ProtocolError) -> Message:
         log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
-        return protocol.error(exc.seq, exc.code, str(exc))
+        return protocol.error(exc.seq, exc.code, str(exc), **exc.fields)
 
 
 def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:

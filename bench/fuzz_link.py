@@ -1,0 +1,170 @@
+"""Fuzz a live verifier over its real socket: hostile peers send N messages (a fixed seed) whose
+fields hold hostile values (wrong types, NaN and infinities, negative and 64-bit-overflowing ints,
+huge and nested lists, other peers' session ids, garbage frames), while a well-behaved client
+generates greedily beside them. Reports crashes (the verifier died), hangs (a message unanswered
+within the timeout), disturbed sessions (the good client's output changed), `internal` errors, and
+the verifier's RSS before and after (hostile sessions ended or reclaimed). A table, then one JSON line.
+
+    python bench/fuzz_link.py [--messages 100000] [--seed 0] [--peers 4] [-m qwen2.5-coder-0.5b]
+
+The target is a real installed model (the 0.5B by default: refused messages cost nothing, and the
+valid-looking ones it must run cost little)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+
+import msgpack
+import zmq
+
+TYPES = [1, 3, 4, 6]  # HELLO, START, VERIFY, END
+
+
+def hostile_value(rng: random.Random, sessions: list[int], depth: int = 0):
+    kind = rng.randrange(14)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False])
+    if kind == 2:
+        return rng.choice([0, -1, 1, 2**31, 2**62, 2**63 - 1, 2**64 - 1, -(2**63)])
+    if kind == 3:
+        return rng.randint(-(2**63), 2**64 - 1)
+    if kind == 4:
+        return rng.choice([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 0.5, 2.0])
+    if kind == 5:
+        return "".join(rng.choice("ab\u00e9\u4e2d\x00") for _ in range(rng.randrange(12)))
+    if kind == 6:
+        return rng.randbytes(rng.randrange(16))
+    if kind == 7 and depth < 3:
+        return [hostile_value(rng, sessions, depth + 1) for _ in range(rng.randrange(6))]
+    if kind == 8 and depth < 3:
+        return {str(rng.randrange(5)): hostile_value(rng, sessions, depth + 1) for _ in range(rng.randrange(4))}
+    if kind == 9:
+        return [rng.randrange(-5, 200_000) for _ in range(rng.choice([1, 8, 64, 300, 5000]))]
+    if kind == 10:
+        return [rng.randrange(0, 1000) for _ in range(rng.randrange(1, 24))]  # a valid-looking token list
+    if kind == 11:
+        return [rng.randrange(0, 4) for _ in range(rng.randrange(0, 6))]  # valid-looking parents
+    if kind == 12 and sessions:
+        return rng.choice(sessions)  # a session id: its own or another peer's
+    return rng.randrange(0, 8)
+
+
+def hostile_frames(rng: random.Random, sessions: list[int]) -> list[bytes]:
+    if rng.random() < 0.05:  # garbage frames
+        return [rng.randbytes(rng.randrange(0, 4)) for _ in range(rng.randrange(1, 4))]
+    mtype = rng.choice(TYPES)
+    keys = {1: ["vocab"], 3: ["session", "prompt", "temperature", "top_k", "top_p", "seed", "features"],
+            4: ["session", "tokens", "parents"], 6: ["session"]}[mtype]
+    fields = {k: hostile_value(rng, sessions) for k in keys if rng.random() < 0.85}
+    if mtype == 1 and rng.random() < 0.5:
+        fields["vocab"] = []  # an acceptable HELLO: it opens a session (up to the per-peer limit)
+    version = 1 if rng.random() < 0.95 else hostile_value(rng, sessions)
+    try:
+        header = msgpack.packb([version, rng.randrange(1 << 30), fields])
+    except (OverflowError, ValueError, TypeError):
+        header = rng.randbytes(8)
+    return [bytes([mtype]), header]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("-m", "--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a reply may take before it counts as a hang")
+    args = p.parse_args()
+
+    import psutil
+
+    from dovetail_rt import Client, protocol, store
+    from dovetail_rt.bench import report
+    from dovetail_rt.config import dovetail_home
+    from dovetail_rt.launcher import VerifierChild
+
+    rng = random.Random(args.seed)
+    tokenizer = store.load_tokenizer(args.model, dovetail_home())
+    prompt = tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+    counts = {"sent": 0, "answered": 0, "hangs": 0, "internal": 0, "codes": {}}
+    with VerifierChild(args.model, "auto", ["--max-sessions", str(4 * args.peers + 4), "--idle-timeout", "5"]) as child:
+        rss = lambda: psutil.Process(child.proc.pid).memory_info().rss
+        good = Client(verifier=child.endpoint, draft=None, tokenizer=tokenizer, timeout_s=args.timeout)
+        expected = good.generate(prompt, 24).token_ids
+        rss_start = rss()
+        outputs, stop = [], threading.Event()
+
+        def well_behaved():  # generates beside the flood, every output must be the first one
+            while not stop.is_set():
+                outputs.append(good.generate(prompt, 24).token_ids)
+
+        ctx = zmq.Context.instance()
+        peers = []
+        for _ in range(args.peers):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(child.endpoint)
+            peers.append(s)
+        sessions = [good.session]  # ids the hostile peers may aim at: the good one's and their own
+        worker = threading.Thread(target=well_behaved)
+        worker.start()
+        t0 = time.perf_counter()
+        try:
+            from tqdm import tqdm
+
+            for _ in tqdm(range(args.messages), desc="hostile messages", unit="msg", mininterval=5, file=sys.stderr):
+                sock = rng.choice(peers)
+                sock.send_multipart(hostile_frames(rng, sessions))
+                counts["sent"] += 1
+                if not sock.poll(args.timeout * 1000):
+                    counts["hangs"] += 1
+                    if child.proc.poll() is not None:
+                        break
+                    continue
+                try:
+                    reply = protocol.decode(sock.recv_multipart())
+                except protocol.ProtocolError:
+                    counts["codes"]["undecodable reply"] = counts["codes"].get("undecodable reply", 0) + 1
+                    continue
+                counts["answered"] += 1
+                code = reply.fields.get("code", reply.type.name) if reply.type == protocol.MsgType.ERROR else reply.type.name
+                counts["codes"][code] = counts["codes"].get(code, 0) + 1
+                counts["internal"] += code == "internal"
+                if reply.type == protocol.MsgType.WELCOME:
+                    sessions.append(reply.fields["session"])
+        finally:
+            stop.set()
+            worker.join()
+        seconds = time.perf_counter() - t0
+        alive = child.proc.poll() is None
+        for sock in peers:  # the hostile peers vanish without END: their sessions must be reclaimed
+            sock.close(0)
+        time.sleep(6.5)  # past --idle-timeout 5: the verifier reclaims what they left
+        rss_end = rss() if alive else 0
+        disturbed = sum(o != expected for o in outputs)
+        good.close()
+    result = {
+        "command": "python " + " ".join(sys.argv), "model": args.model, "seed": args.seed, "messages": counts["sent"],
+        "answered": counts["answered"], "seconds": round(seconds, 1), "crashed": not alive, "hangs": counts["hangs"],
+        "internal_errors": counts["internal"], "good_generations": len(outputs), "disturbed": disturbed,
+        "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
+        "rss_change": round(rss_end / rss_start - 1, 4) if alive else None, "replies": counts["codes"],
+        "machine": report.machine_info("-"), "commit": report.code_version(),
+    }
+    print(f"{counts['sent']} hostile messages in {seconds:.0f} s: crashed {result['crashed']}, hangs {counts['hangs']}, "
+          f"internal errors {counts['internal']}, good generations {len(outputs)} ({disturbed} disturbed), "
+          f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({100 * (result['rss_change'] or 0):+.1f} %)")
+    for code, n in sorted(counts["codes"].items(), key=lambda kv: -kv[1]):
+        print(f"  {code:20s} {n}")
+    print(json.dumps(result))
+    return 0 if alive and not counts["hangs"] and not disturbed and not counts["internal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
