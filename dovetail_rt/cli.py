@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
     g.add_argument("--idle-timeout", type=float, default=VerifierConfig.idle_timeout_s, metavar="SECONDS",
                    help="a session unused this long is closed and its KV memory freed; its client reopens one "
                         f"(default {VerifierConfig.idle_timeout_s:.0f})")
+    g.add_argument("--prefill-chunk", type=int, default=VerifierConfig.prefill_chunk, metavar="TOKENS",
+                   help="prompt tokens per verifier pass, run in the same forward as other sessions' steps: a long "
+                        f"prompt stalls them at most one such pass (default {VerifierConfig.prefill_chunk})")
     g.add_argument("--kv-budget", type=int, default=0, metavar="TOKENS",
                    help="llamacpp engine: KV cache tokens all sessions share, allocated at start (default: --ctx-size x "
                         "--max-sessions, at most a quarter of the free memory); past it a step is refused with kv_full")
@@ -275,7 +279,7 @@ def cmd_verifier(args) -> int:
     from . import placement, verifier_main
 
     config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
-                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, kv_budget=args.kv_budget,
+                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, kv_budget=args.kv_budget, prefill_chunk=args.prefill_chunk,
                             max_sessions_per_peer=args.max_sessions_per_peer, idle_timeout_s=args.idle_timeout,
                             link=LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
                                             authorized_keys=args.authorized_keys, insecure=args.insecure))
@@ -364,7 +368,9 @@ def cmd_run(args) -> int:
         restarted = []
 
         def reconnect() -> str:  # a lost session: the same child if it lives, else a new one, once
-            if child.proc.poll() is None:
+            try:
+                child.proc.wait(timeout=2)  # a closed connection may be seen before the dying child has exited
+            except subprocess.TimeoutExpired:
                 return child.endpoint
             if restarted:
                 from .transport import LinkError

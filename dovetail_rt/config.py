@@ -84,6 +84,7 @@ class VerifierConfig:
     max_sessions: int = 16  # past it HELLO is refused with ``busy`` (no session is ever closed to make room)
     max_sessions_per_peer: int = 4  # sessions one connection may hold
     idle_timeout_s: float = 600.0  # a session unused this long is closed and its KV memory freed
+    prefill_chunk: int = 64  # prompt tokens per pass: a long prompt stalls other sessions' steps at most this long
     kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)
     max_draft_tokens: int = 128  # per VERIFY request
     link: LinkConfig = LinkConfig()
@@ -98,6 +99,8 @@ class VerifierConfig:
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if not 1 <= self.prefill_chunk <= 256:
+            raise ValueError(f"--prefill-chunk must be 1..256 tokens (the engine's batch), got {self.prefill_chunk}")
         if self.max_sessions_per_peer < 1 or self.idle_timeout_s <= 0:
             raise ValueError("--max-sessions-per-peer must be >= 1 and --idle-timeout > 0")
         if self.kv_budget and self.kv_budget < self.n_ctx:

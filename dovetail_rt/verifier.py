@@ -1,9 +1,10 @@
 """The CPU target side: sessions, prefill, one-pass tree verification, lossless acceptance.
 
 One process serves many draft sessions over a ROUTER socket. Requests that wait together are
-answered together: the VERIFYs of different sessions run as one forward pass (``on_verify_batch``:
-a CPU pass over several sessions' tokens costs far less than the passes apart), then each session
-accepts alone, with its own sampling generator. Each session owns a model state (``lm.Session``,
+answered together: the VERIFYs of different sessions run as one forward pass (``run_pass``: a CPU
+pass over several sessions' tokens costs far less than the passes apart), then each session accepts
+alone, with its own sampling generator. A prompt goes in a chunk per pass, in the same forward as
+the others' steps: a long prefill never stalls them for long. Each session owns a model state (``lm.Session``,
 on whichever engine the target was opened) that holds the committed tokens except the last one,
 the *root*, which the next VERIFY runs first.
 """
@@ -36,6 +37,31 @@ class Session:
     generator: torch.Generator = field(default_factory=torch.Generator)
     want_features: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    prefill: "Prefill | None" = None  # a START whose prompt is still going in, a chunk per pass
+
+
+@dataclass
+class Prefill:
+    """A START being answered: its prompt goes into the cache a chunk per pass, between (and in the
+    same forward as) other sessions' steps, so a long prompt never stalls them for long."""
+
+    identity: bytes
+    seq: int  # the START's, for its reply
+    left: list[int]  # prompt tokens not yet in the cache
+    started: float = field(default_factory=time.perf_counter)
+    features: list = field(default_factory=list)  # [n, d] per chunk, when the session wants features
+
+
+@dataclass
+class Work:
+    """One session's share of a pass: a VERIFY (root + draft tree) or a chunk of a prompt."""
+
+    identity: bytes
+    seq: int
+    session: Session
+    tokens: list[int]
+    parents: list[int] | None  # None: a prompt chunk (a chain after the committed tokens)
+    rows: int | None = None  # logits wanted: None = every node (VERIFY); a chunk: 1 if it ends the prompt, else 0
 
 
 class Verifier:
@@ -49,7 +75,8 @@ class Verifier:
         self.sessions: dict[int, Session] = {}
 
     # ---- dispatch -------------------------------------------------------------------------
-    def handle(self, identity: bytes, msg: Message) -> Message:
+    def handle(self, identity: bytes, msg: Message) -> Message | None:
+        """The reply to one request; None for a START (answered by the pass that finishes its prompt)."""
         handlers = {
             MsgType.HELLO: self.on_hello, MsgType.START: self.on_start,
             MsgType.VERIFY: self.on_verify, MsgType.END: self.on_end,
@@ -61,7 +88,8 @@ class Verifier:
         except ProtocolError as exc:
             exc.seq = msg.seq
             raise
-        reply.seq = msg.seq
+        if reply is not None:
+            reply.seq = msg.seq
         return reply
 
     def session(self, identity: bytes, msg: Message) -> Session:
@@ -93,8 +121,9 @@ class Verifier:
             "verify_curve": {str(q): t for q, t in (self.verify_curve or {}).items()},
         })
 
-    def on_start(self, identity: bytes, msg: Message) -> Message:
-        """New generation: prefill the prompt, sample the first token."""
+    def on_start(self, identity: bytes, msg: Message) -> None:
+        """New generation: checks, then the prompt is prefilled a chunk per pass (``run_pass``), whose
+        last chunk samples the first token and answers."""
         s = self.session(identity, msg)
         prompt = protocol.get_int_list(msg, "prompt", 0, self.vocab_size - 1, self.max_positions - 1)
         if not prompt:
@@ -104,69 +133,84 @@ class Verifier:
             top_k=protocol.get_int(msg, "top_k", 0, self.vocab_size, 0),
             top_p=protocol.get_float(msg, "top_p", 1e-6, 1.0, 1.0),
         )
-        seed = msg.fields.get("seed")
-        s.generator = torch.Generator().manual_seed(seed if isinstance(seed, int) else secrets.randbits(63))
+        seed = secrets.randbits(63) if msg.fields.get("seed") is None else protocol.get_int(msg, "seed", -(2**63), 2**64 - 1)
+        s.generator = torch.Generator().manual_seed(seed)
         want_features = bool(msg.fields.get("features", False))
         if want_features and not self.target.info.features:
             raise ProtocolError(f"the {self.target.info.engine} engine gives no features: use a draft LM", "no_features")
-        t0 = time.perf_counter()
         if s.state is None or want_features != s.want_features:  # a state is reused across generations
             self._drop_state(s)
             s.state, s.want_features = self.target.session(features=want_features), want_features
         s.state.truncate(0)
-        s.root = None
-        out = s.state.forward(prompt, logits_for=1)
-        s.state.keep(list(range(len(prompt))))
-        _, first = self._accept(s, [0], [-1], out.logits)
-        s.root = first
-        return self._result(s, [], first, out.features, time.perf_counter() - t0)
+        s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt))
 
     def on_verify(self, identity: bytes, msg: Message) -> Message:
-        reply = self.on_verify_batch([(identity, msg)])[0]
-        if isinstance(reply, ProtocolError):
-            raise reply
+        ((_, reply),) = self.run_pass([(identity, msg)], prefill=False)
         return reply
 
-    def on_verify_batch(self, requests: list[tuple[bytes, Message]]) -> list[Message | ProtocolError]:
-        """VERIFY from several sessions: one forward over every session's root + draft tree, then each
-        session accepts and commits exactly as it would alone. A refused request gets its error; the
-        others go on. ``requests`` holds at most one per session (``serve`` sees to it)."""
-        replies: list = [None] * len(requests)
-        waiting = []  # (index, session, tokens, tree)
-        for i, (identity, msg) in enumerate(requests):
+    def run_pass(self, verifies: list[tuple[bytes, Message]], prefill: bool = True) -> list[tuple[bytes, Message]]:
+        """One step of the verifier: the VERIFYs waiting (at most one per session; ``step`` sees to it)
+        and up to ``prefill_chunk`` prompt tokens of the sessions starting, in ONE forward where the
+        engine batches (else one after another). Each session then accepts and commits exactly as it
+        would alone. Replies: every VERIFY's, and the START of each prompt that went in whole."""
+        replies, work = [], []
+        for identity, msg in verifies:
             try:
-                waiting.append((i, *self._verify_request(identity, msg)))
+                work.append(Work(identity, msg.seq, *self._verify_request(identity, msg)))
             except ProtocolError as exc:
-                replies[i] = exc
-        while waiting:
-            group, later = (waiting, []) if self.target.info.batches else (waiting[:1], waiting[1:])
+                exc.seq = msg.seq
+                replies.append((identity, self._error_reply(identity, exc)))
+        budget = self.config.prefill_chunk if prefill else 0
+        for s in sorted((s for s in self.sessions.values() if s.prefill), key=lambda s: s.prefill.started):
+            chunk = s.prefill.left[:budget]
+            if chunk:
+                work.append(Work(s.prefill.identity, s.prefill.seq, s, chunk, None, int(len(chunk) == len(s.prefill.left))))
+                budget -= len(chunk)
+        while work:
+            group, work = (work, []) if self.target.info.batches else (work[:1], work[1:])
             t0 = time.perf_counter()
-            # 1 forward: root + draft nodes of each session, each node seeing its own session's cache and ancestors
-            outs = self.target.forward_batch([(s.state, tokens, tree, None) for _, s, tokens, tree in group])
+            # 1 forward: each session's root + draft nodes (or prompt chunk), seeing only its own cache and ancestors
+            outs = self.target.forward_batch([(w.session.state, w.tokens, w.parents, w.rows) for w in group])
             seconds = time.perf_counter() - t0
-            ran = [tokens for (_, _, tokens, _), o in zip(group, outs) if isinstance(o, lm.Output)]
+            ran = [w.tokens for w, o in zip(group, outs) if isinstance(o, lm.Output)]
             shared = {"batch": len(ran), "rows": sum(map(len, ran))}  # sessions and tokens in this pass
-            for (i, s, tokens, tree), out in zip(group, outs):
-                if out is None and not any(o is not None for o in outs):  # the engine found no room for any
-                    replies[i] = self._refused(lm.CacheFull("no room in the KV cache for this step"))
-                elif out is None:  # no room in this pass: the next one
-                    later.append((i, s, tokens, tree))
-                elif isinstance(out, Exception):
-                    replies[i] = self._refused(out)
-                else:
-                    # 2 accept: longest agreeing path + the target's own bonus token
-                    path, bonus = self._accept(s, tokens, tree, out.logits)
-                    # 3 commit: keep the root and the accepted path in the cache
-                    keep = [0] + path
-                    s.state.keep(keep)
-                    s.root = bonus
-                    # 4 reply: accepted tokens, bonus, features of root + accepted positions
-                    features = None if out.features is None else out.features[keep]
-                    replies[i] = self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
-            waiting = later
-        for (_, msg), reply in zip(requests, replies):
-            reply.seq = msg.seq
+            for w, out in zip(group, outs):
+                if out is None and any(o is not None for o in outs):  # no room in this pass: the next one
+                    work.append(w)
+                    continue
+                reply = (self._error_reply(w.identity, self._refused(out or lm.CacheFull("no room in the KV cache"), w))
+                         if not isinstance(out, lm.Output) else
+                         self._commit_verify(w, out, seconds, shared) if w.parents is not None else self._commit_chunk(w, out))
+                if reply is not None:
+                    reply.seq = w.seq
+                    replies.append((w.identity, reply))
         return replies
+
+    def _commit_verify(self, w: Work, out: lm.Output, seconds: float, shared: dict) -> Message:
+        s, tokens = w.session, w.tokens
+        # 2 accept: longest agreeing path + the target's own bonus token
+        path, bonus = self._accept(s, tokens, w.parents, out.logits)
+        # 3 commit: keep the root and the accepted path in the cache
+        keep = [0] + path
+        s.state.keep(keep)
+        s.root = bonus
+        # 4 reply: accepted tokens, bonus, features of root + accepted positions
+        features = None if out.features is None else out.features[keep]
+        return self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
+
+    def _commit_chunk(self, w: Work, out: lm.Output) -> Message | None:
+        """A prompt chunk went in: keep it; after the last one sample the first token and answer the START."""
+        s, p = w.session, w.session.prefill
+        s.state.keep(list(range(len(w.tokens))))
+        del p.left[: len(w.tokens)]
+        if out.features is not None:
+            p.features.append(out.features)
+        if p.left:
+            return None
+        _, first = self._accept(s, [0], [-1], out.logits)
+        s.root, s.prefill = first, None
+        features = torch.cat(p.features) if p.features else None
+        return self._result(s, [], first, features, time.perf_counter() - p.started)
 
     def _verify_request(self, identity: bytes, msg: Message) -> tuple[Session, list[int], list[int]]:
         """A VERIFY's session and its root + draft tree as one forward's tokens and parents, checked."""
@@ -182,7 +226,11 @@ class Verifier:
         return s, [s.root] + draft, [-1] + parents
 
     @staticmethod
-    def _refused(exc: Exception) -> ProtocolError:
+    def _refused(exc: Exception, w: Work) -> ProtocolError:
+        """The error for a forward the engine refused; a refused prompt chunk ends that START."""
+        if w.parents is None:
+            w.session.prefill = None
+            w.session.state.truncate(0)
         if isinstance(exc, lm.CacheFull):
             return ProtocolError(str(exc), "kv_full")
         if isinstance(exc, ValueError):  # a tree this engine cannot run in one pass
@@ -247,64 +295,66 @@ class Verifier:
 
     # ---- the socket loop ----------------------------------------------------------------------
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
-        """Answer requests until ``should_stop()``; a bad request never stops the loop. Every request
-        waiting when a pass starts is answered together: VERIFYs from different sessions share one
-        forward (``on_verify_batch``)."""
+        """Answer requests until ``should_stop()``; a bad request never stops the loop. Each turn takes
+        every request waiting and runs one pass (``step``); while prompts are going in it does not wait."""
         while not should_stop():
-            if not sock.poll(poll_ms):
+            waiting = []
+            if sock.poll(0 if self.prefilling else poll_ms):
+                while len(waiting) < 4 * self.config.max_sessions and sock.poll(0):
+                    identity, *body = sock.recv_multipart(copy=False)
+                    waiting.append((identity.bytes, body))
+            elif not self.prefilling:
                 self.reclaim_idle()
                 continue
-            waiting = []
-            while len(waiting) < self.config.max_sessions and sock.poll(0):
-                identity, *body = sock.recv_multipart(copy=False)
-                waiting.append((identity.bytes, body))
-            for identity, reply in self.reply_all(waiting):
+            for identity, reply in self.step(waiting):
                 try:
                     sock.send_multipart([identity, *protocol.encode(reply)], copy=False)
                 except zmq.ZMQError as exc:
                     log.warning("could not reply to peer %s (gone?): %s", identity.hex(), exc)
 
-    def reply_all(self, waiting: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
-        """Replies to requests that arrived together. Each peer's first VERIFY joins one batch (distinct
-        sessions, one forward); everything else is answered one by one after it, in arrival order (a
-        peer's later messages wait behind its earlier ones)."""
-        answers: list = [None] * len(waiting)
-        batch, later, held = [], [], set()  # held: peers with a message answered after the batch
-        for k, (identity, body) in enumerate(waiting):
+    @property
+    def prefilling(self) -> bool:
+        return any(s.prefill for s in self.sessions.values())
+
+    def step(self, waiting: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
+        """Requests that arrived together, then one pass. Each peer's first VERIFY joins the pass
+        (distinct sessions, one forward) with the next chunk of every prompt going in; everything else
+        is answered first, one by one, except what a peer sent after its VERIFY (answered after the
+        pass, in order). A START is answered by the pass that finishes its prompt."""
+        replies, batch, after, held = [], [], [], set()
+        for identity, body in waiting:
             try:
                 msg = protocol.decode(body, self.config.link.max_message_bytes)
             except ProtocolError as exc:
-                answers[k] = self._error_reply(identity, exc)
+                replies.append((identity, self._error_reply(identity, exc)))
                 continue
-            if msg.type == MsgType.VERIFY and identity not in held:
-                held.add(identity)  # its next messages wait for this VERIFY's reply
-                batch.append((k, identity, msg))
-            else:
+            if identity in held:  # behind this peer's VERIFY
+                after.append((identity, msg))
+            elif msg.type == MsgType.VERIFY:
                 held.add(identity)
-                later.append((k, identity, msg))
-        if batch:
+                batch.append((identity, msg))
+            else:
+                replies.append((identity, self.answer(identity, msg)))
+        if batch or self.prefilling:
             try:
-                replies = self.on_verify_batch([(identity, msg) for _, identity, msg in batch])
+                replies += self.run_pass(batch)
             except Exception as exc:  # a failed pass must not take the verifier down
-                log.exception("internal error in a batched pass")
-                replies = [ProtocolError(f"{type(exc).__name__}: {exc}", "internal") for _ in batch]
-                for (_, _, msg), reply in zip(batch, replies):
-                    reply.seq = msg.seq
-            for (k, identity, _), reply in zip(batch, replies):
-                answers[k] = self._error_reply(identity, reply) if isinstance(reply, ProtocolError) else reply
-        for k, identity, msg in later:
-            answers[k] = self.answer(identity, msg)
-        return [(identity, reply) for (identity, _), reply in zip(waiting, answers)]
+                log.exception("internal error in a pass")
+                replies += [(identity, protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}"))
+                            for identity, msg in batch]
+        replies += [(identity, self.answer(identity, msg)) for identity, msg in after]
+        return [(identity, reply) for identity, reply in replies if reply is not None]
 
-    def reply_to(self, identity: bytes, body: list) -> Message:
-        try:
-            msg = protocol.decode(body, self.config.link.max_message_bytes)
-        except ProtocolError as exc:
-            return self._error_reply(identity, exc)
-        return self.answer(identity, msg)
+    def reply_all(self, waiting: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
+        """``step``, then passes until every prompt started is in: all the replies these requests get."""
+        replies = self.step(waiting)
+        while self.prefilling:
+            replies += self.step([])
+        return replies
 
-    def answer(self, identity: bytes, msg: Message) -> Message:
-        """The reply to one decoded request; an error reply when it is refused or fails."""
+    def answer(self, identity: bytes, msg: Message) -> Message | None:
+        """The reply to one decoded request (None: a START, answered by a pass); an error reply when
+        it is refused or fails."""
         try:
             return self.handle(identity, msg)
         except ProtocolError as exc:

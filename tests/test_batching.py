@@ -76,3 +76,52 @@ def test_batched_sessions_get_their_solo_outputs(verifier, sampling):
         assert shared > 0, "no two sessions ever shared a pass: the test did not exercise batching"
     else:
         assert shared == 0  # the torch engine runs sessions one at a time
+
+
+# ---- prompts go in a chunk per pass, beside other sessions' steps (in-process verifier) -----------
+def in_process_verifier(chunk: int):
+    from dovetail_rt import lm
+    from dovetail_rt.config import VerifierConfig
+    from dovetail_rt.verifier import Verifier
+
+    pytest.importorskip("llama_cpp")
+    import tempfile
+
+    from tiny_gguf import write_gguf
+
+    vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+    path = write_gguf(tiny_target(0, sharpen=30), vocab, Path(tempfile.mkdtemp()) / "tiny.gguf")
+    target = lm.open_lm(str(path), Path("."), "llamacpp", threads=1, n_ctx=512, sessions=3)
+    return Verifier(target, VerifierConfig(model="tiny", home=Path("."), prefill_chunk=chunk))
+
+
+def test_a_long_prompt_goes_in_by_chunks_without_stalling_another_session():
+    from dovetail_rt import protocol
+    from dovetail_rt.protocol import Message, MsgType
+
+    v = in_process_verifier(chunk=16)
+    ask = lambda identity, msg: protocol.encode(msg)
+    sid = {}
+    for peer in (b"a", b"b", b"c"):
+        ((_, welcome),) = v.step([(peer, ask(peer, Message(MsgType.HELLO, 1, {"vocab": []})))])
+        sid[peer] = welcome.fields["session"]
+    long_prompt = [(7 * i) % 90 + 3 for i in range(300)]
+    ((_, first_a),) = v.reply_all([(b"a", ask(b"a", Message(MsgType.START, 2, {"session": sid[b"a"], "prompt": [5, 6, 7]})))])
+    # b starts a 300-token prompt while a verifies step after step
+    replies = v.step([(b"b", ask(b"b", Message(MsgType.START, 3, {"session": sid[b"b"], "prompt": long_prompt}))),
+                      (b"a", ask(b"a", Message(MsgType.VERIFY, 4, {"session": sid[b"a"], "tokens": [], "parents": []})))])
+    assert [peer for peer, _ in replies] == [b"a"], "a's step waited for b's whole prompt"
+    assert replies[0][1].fields["batch"] == 2 and replies[0][1].fields["rows"] == 1 + 16
+    passes = 1
+    while not any(peer == b"b" for peer, _ in replies):
+        replies = v.step([(b"a", ask(b"a", Message(MsgType.VERIFY, 5, {"session": sid[b"a"], "tokens": [], "parents": []})))])
+        passes += 1
+        assert replies[0][0] == b"a"
+    assert passes == -(-len(long_prompt) // 16)  # one chunk per pass
+    chunked = next(r for peer, r in replies if peer == b"b").fields["bonus"]
+    # the same prompt in one session alone, in chunks of the whole batch, gives the same first token
+    alone = in_process_verifier(chunk=256)
+    ((_, w),) = alone.step([(b"c", ask(b"c", Message(MsgType.HELLO, 1, {"vocab": []})))])
+    ((_, r),) = alone.reply_all([(b"c", ask(b"c", Message(MsgType.START, 2, {"session": w.fields["session"],
+                                                                            "prompt": long_prompt})))])
+    assert chunked == r.fields["bonus"]

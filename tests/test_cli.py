@@ -92,20 +92,23 @@ def test_ctrl_c_stops_both_processes(pair):
 
 
 @pytest.mark.timeout(120)
-def test_verifier_death_during_run_is_reported(pair):
+def test_verifier_death_during_run_restarts_it_once_and_finishes(pair):
+    """`dovetail run` restarts a verifier child that died mid-generation, once, says so, and the
+    generation resumes from what was committed and finishes; no verifier is left behind."""
     target, draft = pair
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "dovetail_rt.cli", "run", "-m", str(target), "-md", str(draft),
                              "--dtype", "float32", "-t", "1", "--prompt", "w1", "-n", "100000", "--ignore-eos",
                              "--timeout", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout.read(20)
+    proc.stdout.read(20)  # generation is streaming
     for child in psutil.Process(proc.pid).children(recursive=True):
         child.kill()
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=30)  # drain both pipes while it exits
-    assert proc.returncode == 1, err[-2000:]
-    assert time.monotonic() - t0 < 25
-    assert "verifier" in err
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-2000:]
+    assert "restarting it once" in err
+    assert re.search(r"n_predict = 511\b", err), err[-1000:]  # the whole context (512 tokens), resumed
+    _, still = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=0)
+    assert not [p for p in still if "verifier" in " ".join(p.cmdline())], "orphan verifier left behind"
 
 
 def test_missing_default_models_say_how_to_install(tmp_path):

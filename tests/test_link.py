@@ -129,16 +129,18 @@ def test_sessions_are_isolated(verifier):
 
 @pytest.mark.timeout(60)
 def test_killed_verifier_detected_fast(tiny_dir):
+    """A verifier that dies and does not come back: the client notices at once, tries to resume on a
+    new session within its timeout, then fails with an error that says both."""
     proc = VerifierProcess(tiny_dir)
-    client = Client(verifier=proc.endpoint, draft=noisy_copy(tiny_target(0), 0.1), timeout_s=20)
+    client = Client(verifier=proc.endpoint, draft=noisy_copy(tiny_target(0), 0.1), timeout_s=5)
     try:
         client.generate([1, 2], 5)
         os.kill(proc.proc.pid, signal.SIGKILL)
         proc.proc.wait()
         t0 = time.monotonic()
-        with pytest.raises(LinkError, match="closed the connection|did not answer"):
+        with pytest.raises(LinkError, match="(closed the connection|did not answer).*could not be resumed"):
             client.generate([1, 2], 5)
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < 5 + 5
     finally:
         client.close()
         proc.stop()
