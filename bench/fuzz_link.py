@@ -18,6 +18,7 @@ import random
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import zmq
@@ -56,13 +57,23 @@ def hostile_value(rng: random.Random, sessions: list[int], depth: int = 0):
     return rng.randrange(0, 8)
 
 
-def hostile_frames(rng: random.Random, sessions: list[int]) -> list[bytes]:
+def hostile_frames(rng: random.Random, sessions: list[int], own: list[int]) -> list[bytes]:
+    """One message: garbage frames, or a typed message whose fields are hostile. Half the time its
+    session is one this peer owns (or owned) and the token fields look valid."""
     if rng.random() < 0.05:  # garbage frames
         return [rng.randbytes(rng.randrange(0, 4)) for _ in range(rng.randrange(1, 4))]
     mtype = rng.choice(TYPES)
     keys = {1: ["vocab"], 3: ["session", "prompt", "temperature", "top_k", "top_p", "seed", "features"],
             4: ["session", "tokens", "parents"], 6: ["session"]}[mtype]
     fields = {k: hostile_value(rng, sessions) for k in keys if rng.random() < 0.85}
+    if own and rng.random() < 0.5:
+        fields["session"] = rng.choice(own)
+        for key in ("prompt", "tokens"):
+            if key in keys and rng.random() < 0.6:
+                fields[key] = [rng.randrange(0, 1000) for _ in range(rng.randrange(0 if key == "tokens" else 1, 12))]
+        if "parents" in keys and rng.random() < 0.6:
+            n = len(fields["tokens"]) if isinstance(fields.get("tokens"), list) else rng.randrange(4)
+            fields["parents"] = [rng.randrange(0, i + 1) for i in range(n)]
     if mtype == 1 and rng.random() < 0.5:
         fields["vocab"] = []  # an acceptable HELLO: it opens a session (up to the per-peer limit)
     version = 1 if rng.random() < 0.95 else hostile_value(rng, sessions)
@@ -79,6 +90,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("-m", "--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--in-flight", type=int, default=8, help="messages a hostile peer sends before reading the replies")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a reply may take before it counts as a hang")
     args = p.parse_args()
 
@@ -112,32 +124,38 @@ def main() -> int:
             s.connect(child.endpoint)
             peers.append(s)
         sessions = [good.session]  # ids the hostile peers may aim at: the good one's and their own
+        owned = {sock: [] for sock in peers}  # each hostile peer's own sessions
         worker = threading.Thread(target=well_behaved)
         worker.start()
         t0 = time.perf_counter()
         try:
             from tqdm import tqdm
 
-            for _ in tqdm(range(args.messages), desc="hostile messages", unit="msg", mininterval=5, file=sys.stderr):
+            bar = tqdm(total=args.messages, desc="hostile messages", unit="msg", mininterval=5, file=sys.stderr)
+            while counts["sent"] < args.messages and child.proc.poll() is None:
                 sock = rng.choice(peers)
-                sock.send_multipart(hostile_frames(rng, sessions))
-                counts["sent"] += 1
-                if not sock.poll(args.timeout * 1000):
-                    counts["hangs"] += 1
-                    if child.proc.poll() is not None:
+                burst = min(args.in_flight, args.messages - counts["sent"])
+                for _ in range(burst):  # several in flight: the verifier takes what waits together
+                    sock.send_multipart(hostile_frames(rng, sessions, owned[sock]))
+                counts["sent"] += burst
+                bar.update(burst)
+                for _ in range(burst):
+                    if not sock.poll(args.timeout * 1000):
+                        counts["hangs"] += 1
                         break
-                    continue
-                try:
-                    reply = protocol.decode(sock.recv_multipart())
-                except protocol.ProtocolError:
-                    counts["codes"]["undecodable reply"] = counts["codes"].get("undecodable reply", 0) + 1
-                    continue
-                counts["answered"] += 1
-                code = reply.fields.get("code", reply.type.name) if reply.type == protocol.MsgType.ERROR else reply.type.name
-                counts["codes"][code] = counts["codes"].get(code, 0) + 1
-                counts["internal"] += code == "internal"
-                if reply.type == protocol.MsgType.WELCOME:
-                    sessions.append(reply.fields["session"])
+                    try:
+                        reply = protocol.decode(sock.recv_multipart())
+                    except protocol.ProtocolError:
+                        counts["codes"]["undecodable reply"] = counts["codes"].get("undecodable reply", 0) + 1
+                        continue
+                    counts["answered"] += 1
+                    code = reply.fields.get("code", reply.type.name) if reply.type == protocol.MsgType.ERROR else reply.type.name
+                    counts["codes"][code] = counts["codes"].get(code, 0) + 1
+                    counts["internal"] += code == "internal"
+                    if reply.type == protocol.MsgType.WELCOME:
+                        sessions.append(reply.fields["session"])
+                        owned[sock].append(reply.fields["session"])
+            bar.close()
         finally:
             stop.set()
             worker.join()
@@ -162,6 +180,10 @@ def main() -> int:
           f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({100 * (result['rss_change'] or 0):+.1f} %)")
     for code, n in sorted(counts["codes"].items(), key=lambda kv: -kv[1]):
         print(f"  {code:20s} {n}")
+    out = Path("bench/results") / time.strftime("fuzz-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    result["results_file"] = str(out)
     print(json.dumps(result))
     return 0 if alive and not counts["hangs"] and not disturbed and not counts["internal"] else 1
 

@@ -5,6 +5,7 @@ and lost or failed requests. A human table, then one JSON line.
     python bench/load.py [--streams 1,2,4,8,16] [--requests-per-stream 2] [-n 64] [--dataset humaneval]
                          [-m TARGET] [-md DRAFT] [--parallel 16] [--url http://127.0.0.1:8080 (a running server)]
                          [--check-identity (the largest level again, each request alone: same outputs?)]
+                         [--compare-run K (K prompts through the server and through `dovetail run`: overhead)]
 
 Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child) and stops it after.
 """
@@ -87,6 +88,37 @@ def level(client, model: str, prompts: list[str], streams: int, per_stream: int,
             "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3], "outputs": ok}
 
 
+def compare_run(client, model_id: str, prompts: list[str], n: int, args) -> dict:
+    """Server overhead: the same prompts one at a time through the server (one stream) and through
+    `dovetail run` (its own verifier child, the Python API), interleaved; decode tokens/s of each (after
+    the first token). The prompts are ones the levels did not send: a lookup draft's index of earlier
+    outputs would otherwise copy the server's own earlier answers."""
+    rows = []
+    for text in prompts:
+        out: list = []
+        one_stream(client, model_id, [text], n, out)
+        cmd = [sys.executable, "-m", "dovetail_rt.cli", "run", "-md", args.model_draft, "-n", str(n), "--chat",
+               "--temp", "0", "--json", "--prompt", text, *(["-m", args.model] if args.model else [])]
+        run = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        r = out[0]  # decode rates, after the first token: `run` starts its verifier cold, the server is warm
+        served = (r["tokens"] - 1) / (r["seconds"] - r["ttft"]) if "tokens" in r else 0.0
+        ran = (run["n_generated"] - 1) / (run["seconds"] - run["timings"]["prefill_s"])
+        rows.append({"serve_tok_s": served, "run_tok_s": ran, "same_text": r.get("text") == run["text"]})
+    ratios = [r["serve_tok_s"] / r["run_tok_s"] for r in rows if r["run_tok_s"]]
+    return {"prompts": len(rows), "rates": "decode, unseen prompts",
+            "serve_over_run_median": statistics.median(ratios) if ratios else None, "rows": rows}
+
+
+def pass_sizes(url: str) -> dict:
+    """Verification steps by how many sessions shared their verifier pass (the server's /metrics)."""
+    import re
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(r'^dovetail:verify_pass_seconds_count\{batch="(\d+)"\} ([0-9.e+]+)$', text, re.M)
+    return {int(b): int(float(n)) for b, n in sorted(found, key=lambda x: int(x[0]))}
+
+
 def identity(client, model: str, row: dict, n: int) -> dict:
     """Each request of a level run again alone, one after another: how many outputs are the same text
     (greedy: they should all be; a difference comes from the engine's batch-size rounding at a near-tie)."""
@@ -111,6 +143,8 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=16)
     p.add_argument("--url", default=None, help="a running server (else one is started)")
     p.add_argument("--out", default="bench/results", help="folder for the results JSON ('' = none)")
+    p.add_argument("--compare-run", type=int, default=0, metavar="K",
+                   help="server overhead: K prompts one at a time through the server and through `dovetail run`")
     p.add_argument("--check-identity", action="store_true",
                    help="after the levels, run the largest level's requests alone and compare the outputs")
     args = p.parse_args()
@@ -137,6 +171,8 @@ def main() -> int:
         level(client, model, prompts[:1], 1, 1, 4)  # warm-up, not measured
         rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n) for s in args.streams.split(",")]
         same = identity(client, model, rows[-1], args.n) if args.check_identity else None
+        passes = pass_sizes(url)
+        overhead = compare_run(client, model, prompts[-args.compare_run:], args.n, args) if args.compare_run else None
     finally:
         if proc is not None:
             proc.terminate()
@@ -150,9 +186,14 @@ def main() -> int:
               f"{r['per_stream_tok_s_median']:12.2f}")
     if same:
         print(f"{same['streams']} streams vs each request alone: {same['identical']}/{same['requests']} identical outputs")
+    print("steps by sessions in their verifier pass: " + ", ".join(f"{b}: {n}" for b, n in passes.items()))
+    if overhead:
+        print(f"one stream through the server vs `dovetail run`, {overhead['prompts']} prompts: median "
+              f"{overhead['serve_over_run_median']:.3f}x the tokens/s")
     result = {"command": "python " + " ".join(sys.argv), "draft": args.model_draft, "n": args.n, "dataset": args.dataset,
               "parallel": args.parallel, "requests_per_stream": args.requests_per_stream,
-              "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows, "identity": same}
+              "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows, "identity": same,
+              "steps_by_pass_sessions": passes, "server_vs_run": overhead}
     if args.out:
         out = Path(args.out) / time.strftime("load-%Y%m%d-%H%M%S.json")
         out.parent.mkdir(parents=True, exist_ok=True)

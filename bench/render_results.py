@@ -111,7 +111,34 @@ def load_section(res: dict, name: str) -> list[str]:
         out.append(f"| {r['streams']} | {r['ok']} | {r['failed']} | {r['lost']} | {r['aggregate_tok_s']:.2f} | "
                    f"{r['aggregate_tok_s'] / base:.2f}x | {r['ttft_p50_s'] or 0:.2f} | {r['ttft_p99_s'] or 0:.2f} | "
                    f"{r['per_stream_tok_s_median']:.2f} |")
+    out.append("")
+    same = res.get("identity")
+    if same:
+        out.append(f"- Greedy outputs of the {same['streams']}-stream level identical to the same request run alone: "
+                   f"{same['identical']} of {same['requests']}.")
+    if res.get("steps_by_pass_sessions"):
+        out.append("- Verification steps by sessions in their pass: " +
+                   ", ".join(f"{b}: {n}" for b, n in res["steps_by_pass_sessions"].items()) + ".")
+    over = res.get("server_vs_run")
+    if over and "rates" in over:  # earlier files compared whole-request rates on prompts the server had seen
+        out.append(f"- One stream through the server vs `dovetail run` on the same {over['prompts']} prompts (decode tokens/s, "
+                   f"after the first token): median {over['serve_over_run_median']:.3f}x; per prompt " +
+                   ", ".join(f"{r['serve_tok_s']:.2f} vs {r['run_tok_s']:.2f}" for r in over["rows"]) + ".")
     return out + [""]
+
+
+def fuzz_section(res: dict, name: str) -> list[str]:
+    m, codes = res["machine"], ", ".join(f"{k} {v}" for k, v in sorted(res["replies"].items(), key=lambda kv: -kv[1]))
+    return [f"## Link fuzzing `{name}`", "",
+            f"Command: `{res['command']}` at commit {res['commit']}; verifier on {res['model']}, machine {m['cpu']}, "
+            f"{m['cores']} cores.", "",
+            f"- {res['messages']} hostile messages in {res['seconds']:.0f} s, {res['answered']} answered: crashed "
+            f"{res['crashed']}, hangs {res['hangs']}, `internal` errors {res['internal_errors']}.",
+            f"- A well-behaved greedy client beside them: {res['good_generations']} generations, "
+            f"{res['disturbed']} different from its first.",
+            f"- Verifier RSS {res['rss_start_mib']} MiB before, {res['rss_end_mib']} MiB after the hostile peers left "
+            f"(their sessions reclaimed): {100 * res['rss_change']:+.1f} %.",
+            f"- Replies: {codes}.", ""]
 
 
 def gpu_section(res: dict, name: str) -> list[str]:
@@ -150,6 +177,8 @@ def main() -> None:
         lines += bench_section(json.loads(Path(f).read_text()), Path(f).stem)
     for f in args.load if args.load is not None else [p for p in [newest("load-*.json")] if p]:
         lines += load_section(json.loads(Path(f).read_text()), Path(f).stem)
+    for f in sorted(map(str, RESULTS.glob("fuzz-*.json"))):
+        lines += fuzz_section(json.loads(Path(f).read_text()), Path(f).stem)
     curve = args.curve or newest("verify-curve-*.json")
     if curve:
         lines += curve_section(json.loads(Path(curve).read_text()))

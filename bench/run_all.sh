@@ -3,7 +3,7 @@
 # llama.cpp baseline build, then the side-by-side runs on the llama.cpp engine (the default: the
 # installed Q4_K_M file), the same on the BF16 file, and the llama.cpp engine against today's torch
 # verifier on a few prompts; earlier runs' result files (EARLIER) are rendered after them.
-#   bash bench/run_all.sh        (about 2 hours on a 2-core machine at the defaults below)
+#   bash bench/run_all.sh        (about 2.5 hours on a 2-core machine at the defaults below)
 #   LIMIT=20,20 N=128            prompts per dataset and new tokens for the side-by-side run
 #   BF16_LIMIT=10 TORCH_LIMIT=4,4 TORCH_N=96   the BF16 run and the engine comparison
 set -euo pipefail
@@ -25,9 +25,15 @@ FILES+=("$(bench --dataset "$DATASETS" --limit "$LIMIT" -n "$N" --systems target
 FILES+=("$(bench -m qwen2.5-coder-1.5b:bf16 --dataset humaneval --limit "$BF16_LIMIT" -n "$N" \
            --systems target,dovetail,llamacpp,llamacpp-spec)")
 FILES+=("$(bench --engine llamacpp,torch --systems target,dovetail --dataset "$DATASETS" --limit "$TORCH_LIMIT" -n "$TORCH_N")")
-# the server under N concurrent streaming clients (issue 11)
-LOAD="$(.venv/bin/python bench/load.py --streams 1,2,4,8,16 --requests-per-stream 1 -n 64 -md ngram --parallel 16 | results_file)"
+# the server under N concurrent streaming clients (issue 11): the default file, BF16 (a flat verification
+# curve: where batching sessions pays on this CPU), and the server's overhead against `dovetail run`
+load() { .venv/bin/python bench/load.py --requests-per-stream 2 -md ngram "$@" | results_file; }
+LOAD=("$(load --streams 1,2,4,8,16 -n 64 --parallel 16 --check-identity)")
+LOAD+=("$(load -m qwen2.5-coder-1.5b:bf16 --streams 1,2,4,8,16 -n 64 --parallel 16 --check-identity)")
+LOAD+=("$(load --streams 1 -n 128 --parallel 4 --compare-run 8)")
+# the link under 100,000 hostile messages (issue 12): its file is rendered from bench/results/fuzz-*.json
+.venv/bin/python bench/fuzz_link.py --messages 100000 --seed 0 >/dev/null
 NOTES=(); [[ -f bench/NOTES.md ]] && NOTES=(--notes bench/NOTES.md)
 # shellcheck disable=SC2086
-.venv/bin/python bench/render_results.py --bench "${FILES[@]}" ${EARLIER:-} --curve "$CURVE" --load "$LOAD" "${NOTES[@]}" > bench/RESULTS.md
+.venv/bin/python bench/render_results.py --bench "${FILES[@]}" ${EARLIER:-} --curve "$CURVE" --load "${LOAD[@]}" "${NOTES[@]}" > bench/RESULTS.md
 echo "wrote bench/RESULTS.md"

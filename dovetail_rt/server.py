@@ -411,6 +411,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             async for piece, finish in gen.events(req.stops()):
                 text.append(piece)
         except Exception as exc:
+            if getattr(exc, "code", None) in ("kv_full", "busy"):  # the verifier is full for now: come back
+                return fail(503, f"the server is busy: {exc}", "server_error", headers={"Retry-After": "1"})
             return fail(500, f"generation failed: {exc}", "server_error")
         finally:
             gen.abandon()

@@ -25,6 +25,7 @@ from .config import VerifierConfig
 from .protocol import Message, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
+REFUSALS_LOGGED = 20  # refusal warnings per 10 s; the rest are counted
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Verifier:
         info = target.info
         self.vocab_size, self.max_positions, self.vocab, self.eos = info.vocab_size, info.max_positions, info.vocab, info.eos
         self.sessions: dict[int, Session] = {}
+        self._refusals = [time.monotonic(), 0]  # [window start, refusals in it]
 
     # ---- dispatch -------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> Message | None:
@@ -363,10 +365,21 @@ class Verifier:
             log.exception("internal error while serving peer %s", identity.hex())
             return protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}")
 
-    @staticmethod
-    def _error_reply(identity: bytes, exc: ProtocolError) -> Message:
-        log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
+    def _error_reply(self, identity: bytes, exc: ProtocolError) -> Message:
+        self._log_refusal(identity, exc)
         return protocol.error(exc.seq, exc.code, str(exc), **exc.fields)
+
+    def _log_refusal(self, identity: bytes, exc: ProtocolError) -> None:
+        """At most REFUSALS_LOGGED warnings per 10 s: a peer sending garbage must not fill the disk."""
+        now = time.monotonic()
+        if now - self._refusals[0] > 10.0:
+            if self._refusals[1] > REFUSALS_LOGGED:
+                log.warning("... and %d more refused messages in those 10 s (not logged one by one)",
+                            self._refusals[1] - REFUSALS_LOGGED)
+            self._refusals = [now, 0]
+        self._refusals[1] += 1
+        if self._refusals[1] <= REFUSALS_LOGGED:
+            log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
 
 
 def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:
