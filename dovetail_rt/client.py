@@ -170,6 +170,11 @@ class Client:
         prefill the committed context there; the reply's bonus is the next token. Within the timeout,
         else a clear error. Greedy output is unchanged; sampling keeps the target's distribution."""
         log.warning("verifier session lost (%s): resuming on a new session from %d tokens", why, len(committed))
+        if self.session is not None:  # a verifier that is only slow would keep the old session until idle
+            try:
+                self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=1.0)
+            except transport.LinkError:
+                pass
         endpoint = self._reconnect() if self._reconnect else self.conn.endpoint
         self.conn.close()
         self.conn, self.session = self._connect(endpoint), None  # a new connection: the old one's sessions are gone

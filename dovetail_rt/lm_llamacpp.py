@@ -230,29 +230,35 @@ class LlamaCppLM:
         results: list = [None] * len(items)
         with self.lock:
             staged, rows = [], []
-            for i, (s, tokens, parents, logits_for) in enumerate(items):
-                try:
-                    plan = s._plan(tokens, parents, logits_for)
-                    if not staged and plan.chain and len(tokens) > self.n_batch:
-                        results[i] = s.forward(tokens, parents, logits_for)
-                        break
-                    if len(rows) + len(tokens) > self.n_batch or s._seqs_needed(plan) > len(self.free_seqs):
-                        if staged:
-                            continue  # no room in this pass
-                        raise CacheFull(f"a tree of {len(plan.every)} pending nodes needs more sequence ids than "
-                                        f"are free ({len(self.free_seqs)})")
-                    staged.append((i, s, plan, len(rows)))
-                    rows += s._stage(plan)
-                except (ValueError, CacheFull) as exc:
-                    results[i] = exc
-            if not staged:
-                return results
             try:
-                self._decode(rows, any(s.features for _, s, _, _ in staged))
-            except Exception as exc:
+                for i, (s, tokens, parents, logits_for) in enumerate(items):
+                    try:
+                        plan = s._plan(tokens, parents, logits_for)
+                        if not staged and plan.chain and len(tokens) > self.n_batch:
+                            results[i] = s.forward(tokens, parents, logits_for)
+                            break
+                        if len(rows) + len(tokens) > self.n_batch or s._seqs_needed(plan) > len(self.free_seqs):
+                            if staged:
+                                continue  # no room in this pass
+                            raise CacheFull(f"a tree of {len(plan.every)} pending nodes needs more sequence ids than "
+                                            f"are free ({len(self.free_seqs)})")
+                        staged.append((i, s, plan, len(rows)))
+                        rows += s._stage(plan)
+                    except (ValueError, CacheFull) as exc:
+                        results[i] = exc
+                if staged:
+                    self._decode(rows, any(s.features for _, s, _, _ in staged))
+            except Exception as exc:  # nothing staged stays in the cache
                 for i, s, plan, _ in staged:
                     s._forget(plan)
                     results[i] = exc
+                if isinstance(exc, CacheFull) and len(staged) > 1:  # the pool is nearly full: the first alone,
+                    first = staged[0][0]                            # the rest in a later pass
+                    results[first] = self.forward_batch([items[first]])[0]
+                    for i, *_ in staged[1:]:
+                        results[i] = None
+                elif not isinstance(exc, CacheFull):
+                    raise
                 return results
             for i, s, plan, first_row in staged:
                 results[i] = s._finish(plan, first_row)

@@ -180,9 +180,17 @@ class Verifier:
                 if out is None and any(o is not None for o in outs):  # no room in this pass: the next one
                     work.append(w)
                     continue
-                reply = (self._error_reply(w.identity, self._refused(out or lm.CacheFull("no room in the KV cache"), w))
-                         if not isinstance(out, lm.Output) else
-                         self._commit_verify(w, out, seconds, shared) if w.parents is not None else self._commit_chunk(w, out))
+                try:
+                    if not isinstance(out, lm.Output):  # refused (or no room even alone)
+                        reply = self._error_reply(w.identity, self._refused(out or lm.CacheFull("no room in the KV cache"), w))
+                    elif w.parents is not None:
+                        reply = self._commit_verify(w, out, seconds, shared)
+                    else:
+                        reply = self._commit_chunk(w, out)
+                except Exception as exc:  # one session's failure must not cost the others their replies
+                    log.exception("internal error committing session %d's step", w.session.id)
+                    w.session.prefill, w.session.root = None, None  # it must START again
+                    reply = protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")
                 if reply is not None:
                     reply.seq = w.seq
                     replies.append((w.identity, reply))
@@ -203,6 +211,7 @@ class Verifier:
     def _commit_chunk(self, w: Work, out: lm.Output) -> Message | None:
         """A prompt chunk went in: keep it; after the last one sample the first token and answer the START."""
         s, p = w.session, w.session.prefill
+        s.last_used = time.monotonic()  # a long prompt going in is not idle
         s.state.keep(list(range(len(w.tokens))))
         del p.left[: len(w.tokens)]
         if out.features is not None:
@@ -299,14 +308,17 @@ class Verifier:
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
         """Answer requests until ``should_stop()``; a bad request never stops the loop. Each turn takes
         every request waiting and runs one pass (``step``); while prompts are going in it does not wait."""
+        reclaimed = time.monotonic()
         while not should_stop():
+            if time.monotonic() - reclaimed > 1.0:  # also under steady traffic: dead clients' KV goes back
+                self.reclaim_idle()
+                reclaimed = time.monotonic()
             waiting = []
             if sock.poll(0 if self.prefilling else poll_ms):
                 while len(waiting) < 4 * self.config.max_sessions and sock.poll(0):
                     identity, *body = sock.recv_multipart(copy=False)
                     waiting.append((identity.bytes, body))
             elif not self.prefilling:
-                self.reclaim_idle()
                 continue
             for identity, reply in self.step(waiting):
                 try:

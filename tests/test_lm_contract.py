@@ -260,3 +260,20 @@ def test_a_full_kv_pool_is_refused_and_loses_nothing(gguf_path):
     torch.testing.assert_close(b.forward([1] * 30).logits[-1], chain_logits(small, PROMPT + [1] * 30)[-1], atol=ATOL, rtol=0)
     b.close()
     small.close()
+
+
+def test_a_nearly_full_pool_runs_what_fits_and_defers_the_rest(gguf_path):
+    """Two sessions in one batch that do not fit the pool together: the first runs alone, the second
+    is left for a later pass (None), untouched, instead of both being refused."""
+    pytest.importorskip("llama_cpp")
+    small = lm.open_lm(str(gguf_path), Path("."), "llamacpp", threads=1, n_ctx=256, n_batch=256)
+    expected = chain_logits(small, PROMPT[:5] + [1] * 20)[-1]
+    filler = prefill(small, [5] * (small.kv_cells - 40))
+    a, b = prefill(small, PROMPT[:5]), prefill(small, PROMPT[:5])
+    first, second = small.forward_batch([(a, [1] * 20, None, None), (b, [2] * 20, None, None)])
+    assert isinstance(first, lm.Output) and second is None
+    torch.testing.assert_close(first.logits[-1], expected, atol=ATOL, rtol=0)
+    assert b.length == 5 and not b.pending
+    for s in (filler, a, b):
+        s.close()
+    small.close()
