@@ -321,10 +321,10 @@ class Verifier:
             elif not self.prefilling:
                 continue
             for identity, reply in self.step(waiting):
-                try:
-                    sock.send_multipart([identity, *protocol.encode(reply)], copy=False)
+                try:  # never wait on one peer: a peer that stops reading loses its own replies, nobody else's
+                    sock.send_multipart([identity, *protocol.encode(reply)], copy=False, flags=zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
-                    log.warning("could not reply to peer %s (gone?): %s", identity.hex(), exc)
+                    self._warn("could not reply to peer %s (gone, or not reading its replies): %s", identity.hex(), exc)
 
     @property
     def prefilling(self) -> bool:
@@ -382,16 +382,19 @@ class Verifier:
         return protocol.error(exc.seq, exc.code, str(exc), **exc.fields)
 
     def _log_refusal(self, identity: bytes, exc: ProtocolError) -> None:
+        self._warn("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
+
+    def _warn(self, text: str, *args) -> None:
         """At most REFUSALS_LOGGED warnings per 10 s: a peer sending garbage must not fill the disk."""
         now = time.monotonic()
         if now - self._refusals[0] > 10.0:
             if self._refusals[1] > REFUSALS_LOGGED:
-                log.warning("... and %d more refused messages in those 10 s (not logged one by one)",
+                log.warning("... and %d more warnings about peers in those 10 s (not logged one by one)",
                             self._refusals[1] - REFUSALS_LOGGED)
             self._refusals = [now, 0]
         self._refusals[1] += 1
         if self._refusals[1] <= REFUSALS_LOGGED:
-            log.warning("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
+            log.warning(text, *args)
 
 
 def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:

@@ -155,3 +155,29 @@ def test_draft_process_killed_mid_session_is_reclaimed(tiny_dir, tmp_path):
         other.close()
         child.kill()
         proc.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_that_stops_reading_stalls_nobody_else(tiny_dir, target_lm):
+    """A peer floods requests and never reads a reply: once its queues are full the verifier drops its
+    replies instead of waiting on it, and a client generating beside it gets the right output."""
+    import zmq
+
+    proc = VerifierProcess(tiny_dir)
+    stalled = zmq.Context.instance().socket(zmq.DEALER)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.connect(proc.endpoint)
+    bad = [bytes([MsgType.HELLO]), b"\x93\x07\x01\x80"]  # version 7: refused at once, a reply each
+    try:
+        for _ in range(100_000):  # far more replies than the queues and socket buffers between us hold
+            stalled.send_multipart(bad)
+        with Client(verifier=proc.endpoint, draft=noisy_copy(tiny_target(0, sharpen=30), 0.3), draft_config=CHAIN,
+                    timeout_s=30) as client:
+            out = client.generate([5, 7, 9], 30)
+        assert out.token_ids == engine_greedy(target_lm, [5, 7, 9], 30)
+        assert proc.proc.poll() is None
+    finally:
+        stalled.close(0)
+        proc.stop()
