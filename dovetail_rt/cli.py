@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -368,9 +367,7 @@ def cmd_run(args) -> int:
         restarted = []
 
         def reconnect() -> str:  # a lost session: the same child if it lives, else a new one, once
-            try:
-                child.proc.wait(timeout=2)  # a closed connection may be seen before the dying child has exited
-            except subprocess.TimeoutExpired:
+            if not child.exited():
                 return child.endpoint
             if restarted:
                 from .transport import LinkError

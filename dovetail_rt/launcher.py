@@ -32,6 +32,15 @@ class VerifierChild:
         os.close(write_fd)
         self.ready_fd, self.endpoint, self.target = read_fd, "", {}
 
+    def exited(self, wait_s: float = 2.0) -> bool:
+        """Whether the child has exited, given the moments a dying one takes (its connection can close
+        before the process is gone)."""
+        try:
+            self.proc.wait(timeout=wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def restart(self) -> str:
         """A new child with the same model and flags (after this one died); its endpoint."""
         self.stop()

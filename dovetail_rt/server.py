@@ -107,7 +107,7 @@ class Backend:
     def _reconnect(self, endpoint: str) -> str:
         """Where a Client reopens a lost session (reclaimed idle, a remote verifier restarted): the same
         endpoint; not a child verifier that exited (the request fails now and /health says why)."""
-        if self.child is not None and _exited(self.child.proc):
+        if self.child is not None and self.child.exited():
             from .transport import LinkError
 
             raise LinkError(f"the verifier exited (code {self.child.proc.returncode})")
@@ -460,15 +460,3 @@ def run(config: ServeConfig) -> int:
               "use this server", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
-
-
-def _exited(proc, wait_s: float = 2.0) -> bool:
-    """Whether a child process has exited, given the moments a dying one takes (its connection can
-    close before it is gone)."""
-    import subprocess
-
-    try:
-        proc.wait(timeout=wait_s)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
