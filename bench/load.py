@@ -4,7 +4,8 @@ and lost or failed requests. A human table, then one JSON line.
 
     python bench/load.py [--streams 1,2,4,8,16] [--requests-per-stream 2] [-n 64] [--dataset humaneval]
                          [-m TARGET] [-md DRAFT] [--parallel 16] [--url http://127.0.0.1:8080 (a running server)]
-                         [--check-identity (the largest level again, each request alone: same outputs?)]
+                         [--check-identity (the largest level again, each request alone: same outputs? where
+                          not, the target's top-2 logit gap where they part)]
                          [--compare-run K (K prompts through the server and through `dovetail run`: overhead)]
 
 Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child) and stops it after.
@@ -129,7 +130,37 @@ def identity(client, model: str, row: dict, n: int) -> dict:
         alone[prompt] = out[0].get("text")
     same = [r["text"] == alone[r["prompt"]] for r in row["outputs"]]
     return {"streams": row["streams"], "requests": len(same), "identical": sum(same),
-            "differing_prompts": sorted({r["prompt"][:60] for r, ok in zip(row["outputs"], same) if not ok})}
+            "differing_prompts": sorted({r["prompt"][:60] for r, ok in zip(row["outputs"], same) if not ok}),
+            "differing": [{"prompt": r["prompt"], "batched": r["text"], "alone": alone[r["prompt"]]}
+                          for r, ok in zip(row["outputs"], same) if not ok]}
+
+
+def explain(differing: list[dict], spec: str) -> list[dict]:
+    """For each request whose output among the others differs from its output alone: the first token
+    where the two differ (both texts re-tokenized with the target's tokenizer, the prompt through its
+    chat template as the server does) and the target's top-2 logit gap there in llama.cpp's own one-token
+    decode of the same file. A near-tie explains a difference (batch-size rounding); a wide gap would
+    be a bug. Run after the server has stopped (the target is opened in this process)."""
+    from dovetail_rt import lm, store
+    from dovetail_rt.bench.harness import reference_logits
+    from dovetail_rt.config import dovetail_home
+
+    home = dovetail_home()
+    tok = store.load_tokenizer(spec, home)
+    target = lm.open_lm(spec, home, "llamacpp", threads=os.cpu_count())
+    found = []
+    for d in differing:
+        prompt = list(tok.apply_chat_template([{"role": "user", "content": d["prompt"]}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+        a, b = (tok(d[k], add_special_tokens=False)["input_ids"] for k in ("batched", "alone"))
+        at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        top = reference_logits(target, prompt, a[:at]).topk(2)
+        values, ids = top.values.tolist(), top.indices.tolist()
+        found.append({"prompt": d["prompt"][:60], "at": at, "batched": tok.decode(a[at:at + 1]),
+                      "alone": tok.decode(b[at:at + 1]), "one_token_decode": tok.decode(ids[:1]),
+                      "runner_up": tok.decode(ids[1:]), "top2_gap": round(values[0] - values[1], 4)})
+    target.close()
+    return found
 
 
 def main() -> int:
@@ -151,7 +182,7 @@ def main() -> int:
 
     from openai import OpenAI
 
-    from dovetail_rt import data
+    from dovetail_rt import data, store
     from dovetail_rt.bench import report
 
     prompts = [x.text for x in data.load(args.dataset)]
@@ -177,6 +208,8 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+    if same and same["differing"]:
+        same["divergences"] = explain(same["differing"], args.model or store.DEFAULT_TARGET)
     print(f"{'streams':>7s} {'ok':>4s} {'fail':>4s} {'lost':>4s} {'agg tok/s':>9s} {'x one':>6s} {'ttft p50':>8s} "
           f"{'ttft p99':>8s} {'tok/s/stream':>12s}")
     base = rows[0]["aggregate_tok_s"] or 1.0
@@ -186,6 +219,9 @@ def main() -> int:
               f"{r['per_stream_tok_s_median']:12.2f}")
     if same:
         print(f"{same['streams']} streams vs each request alone: {same['identical']}/{same['requests']} identical outputs")
+        for d in same.get("divergences", []):
+            print(f"  differs at token {d['at']}: {d['batched']!r} vs {d['alone']!r}; the one-token decode's top-2 "
+                  f"{d['one_token_decode']!r} / {d['runner_up']!r}, gap {d['top2_gap']} logits ({d['prompt'][:40]!r})")
     print("steps by sessions in their verifier pass: " + ", ".join(f"{b}: {n}" for b, n in passes.items()))
     if overhead:
         print(f"one stream through the server vs `dovetail run`, {overhead['prompts']} prompts: median "

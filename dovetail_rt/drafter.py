@@ -290,6 +290,20 @@ def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engi
     return model, tokenizer
 
 
+def share(draft):
+    """An opened draft (``open_draft``) made ready for several Clients drafting at once in their own
+    threads (the server): a small LM whose engine batches sessions forwards through one
+    ``lm_shared.SharedLM``, so their draft forwards that wait together run as one pass. Other kinds
+    are returned as they are (a lookup index is already shared under its lock; a head is not batched)."""
+    from .lm_shared import SharedLM
+
+    if isinstance(draft, Choice):
+        return Choice(draft.lookup, share(draft.model))
+    if hasattr(draft, "session") and getattr(draft.info, "batches", False) and not isinstance(draft, SharedLM):
+        return SharedLM(draft)
+    return draft
+
+
 def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
     """The draft kind for an opened draft (``open_draft``): a lookup, a lookup-or-model choice, a
     feature head, a standalone LM, or None = no draft (the target decodes one token per step: the

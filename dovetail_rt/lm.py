@@ -49,7 +49,7 @@ class ModelInfo:
     max_positions: int  # the longest sequence one session may hold
     trees: bool = True  # one forward over a tree of pending nodes
     features: bool = True  # last-layer hidden states (what a draft head reads)
-    batches: bool = False  # ``forward_batch`` runs several sessions in one pass (else one after another)
+    batches: bool = False  # ``forward_batch`` runs several sessions in one pass (the verifier then batches them)
 
     def describe(self) -> str:
         return f"{self.engine} engine, {self.weight_format} weights, {self.path}"
@@ -100,17 +100,6 @@ class EngineMissing(RuntimeError):
 
 class CacheFull(MemoryError):
     """The engine's KV budget (cells, sequence ids) has no room for this forward now."""
-
-
-def forward_each(items) -> list:
-    """``forward_batch`` for an engine that runs sessions one at a time."""
-    results = []
-    for session, tokens, parents, logits_for in items:
-        try:
-            results.append(session.forward(tokens, parents, logits_for))
-        except (ValueError, CacheFull) as exc:
-            results.append(exc)
-    return results
 
 
 def choose_engine(engine: str, spec: str, home: Path, device: str = "cpu") -> str:

@@ -9,6 +9,7 @@ nodes in the order they were forwarded; a tree forward sees them through a boole
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,16 +108,30 @@ class TorchLM:
             name=name, engine="torch", path=str(getattr(cfg, "_name_or_path", name) or name), weight_format=weight_format,
             vocab=store.vocab_strings(tokenizer), vocab_size=_rows(model.get_output_embeddings()),
             hidden_size=cfg.hidden_size, eos=eos_ids(model, tokenizer),
-            max_positions=getattr(cfg, "max_position_embeddings", 1 << 20),
+            max_positions=getattr(cfg, "max_position_embeddings", 1 << 20), batches=True,
         )
 
     def session(self, features: bool = False) -> "TorchSession":
         return TorchSession(self.model, features)
 
     def forward_batch(self, items: list) -> list:
-        """One session at a time: its caches are separate ``DynamicCache`` objects (padding them into
-        one batch is not built; the llama.cpp engine is the CPU target this serves)."""
-        return lm.forward_each(items)
+        """Several sessions in one forward (``batch_forward``): their caches padded to the longest into
+        one batch, each row attending to its own session's entries only. One item is its own forward."""
+        results: list = [None] * len(items)
+        planned = []
+        for i, (s, tokens, parents, logits_for) in enumerate(items):
+            try:
+                planned.append((i, s, s.plan(tokens, parents, logits_for)))
+            except ValueError as exc:
+                results[i] = exc
+        if len(planned) == 1:
+            i, s, plan = planned[0]
+            results[i] = s.run(plan)
+        elif planned:
+            outs = batch_forward(self.model, [(s.cache, plan) for _, s, plan in planned])
+            for (i, s, plan), (logits, hidden) in zip(planned, outs):
+                results[i] = s.commit(plan, logits, hidden)
+        return results
 
     def close(self) -> None:
         pass
@@ -132,18 +147,30 @@ class TorchSession:
         self.pending: list[int] = []  # parent of each pending node (a pending index, -1 = committed)
 
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
+        return self.run(self.plan(tokens, parents, logits_for))
+
+    def plan(self, tokens: list[int], parents: list[int] | None, logits_for: int | None) -> "_Plan":
+        """Validate a forward and work out its positions and mask; the cache is not touched."""
         n_pending = len(self.pending)
-        every, depth, logits_for = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
-        positions = [self.length + d for d in depth[n_pending:]]
-        linear = every == list(range(-1, len(every) - 1))  # one chain after the committed tokens: causal mask
+        every, depth, rows = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
         new_nodes = list(range(n_pending, len(every)))
-        mask = None if linear else tree.expansion_mask(new_nodes, list(range(n_pending)), every, self.length)[None, None]
+        return _Plan(list(tokens), every, [self.length + d for d in depth[n_pending:]], rows,
+                     linear=every == list(range(-1, len(every) - 1)),  # one chain after the committed tokens
+                     mask=tree.expansion_mask(new_nodes, list(range(n_pending)), every, self.length))
+
+    def run(self, plan: "_Plan") -> Output:
+        past = self.length + len(self.pending)
         try:
-            logits, hidden = forward(self.model, self.cache, tokens, positions, mask, logits_for)
+            logits, hidden = forward(self.model, self.cache, plan.tokens, plan.positions,
+                                     None if plan.linear else plan.mask[None, None], plan.rows)
         except Exception:
-            crop_cache(self.cache, self.length + n_pending)
+            crop_cache(self.cache, past)
             raise
-        self.pending = every
+        return self.commit(plan, logits, hidden)
+
+    def commit(self, plan: "_Plan", logits: torch.Tensor, hidden: torch.Tensor) -> Output:
+        """The forward's entries are in the cache: its nodes become pending."""
+        self.pending = plan.every
         return Output(logits.float(), hidden if self.features else None)
 
     def keep(self, path: list[int]) -> None:
@@ -159,6 +186,18 @@ class TorchSession:
 
     def close(self) -> None:
         self.cache = None
+
+
+@dataclass
+class _Plan:
+    """A validated forward that has not touched the cache yet."""
+
+    tokens: list[int]
+    every: list[int]  # parents of every pending node after the forward
+    positions: list[int]  # of the new nodes
+    rows: int  # the last ``rows`` nodes get logits
+    linear: bool  # a chain after the committed tokens and the pending chain: plain causal attention
+    mask: torch.Tensor  # [q, cached + q] bool: what each new node sees
 
 
 def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -184,6 +223,49 @@ def forward(model, cache, tokens: list[int], positions: list[int], mask: torch.T
     hidden = out.last_hidden_state[0]  # [q, d]
     rows = hidden if logits_for is None else hidden[hidden.shape[0] - logits_for :]
     return model.get_output_embeddings()(rows), hidden
+
+
+@torch.inference_mode()
+def batch_forward(model, entries: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward of several sessions' new nodes, ``entries``: ``(cache, plan)``. The caches are copied
+    into one batch, right-padded to the longest; the new nodes of every session sit after it, padded
+    to the largest forward. Each row sees its own session's entries (its plan's mask) only; a padding
+    row sees itself (an all-masked row would give NaN). Each session's new entries are then appended
+    to its own cache. Returns per entry (logits of its last ``rows`` nodes, hidden [q, d])."""
+    device = model.device
+    past = [cache.get_seq_length() for cache, _ in entries]
+    width, q_max = max(past), max(len(plan.tokens) for _, plan in entries)
+    ids = torch.zeros(len(entries), q_max, dtype=torch.long)
+    pos = torch.zeros(len(entries), q_max, dtype=torch.long)
+    mask = torch.zeros(len(entries), 1, q_max, width + q_max, dtype=torch.bool)
+    for b, ((_, plan), n) in enumerate(zip(entries, past)):
+        q = len(plan.tokens)
+        ids[b, :q], pos[b, :q] = torch.tensor(plan.tokens), torch.tensor(plan.positions)
+        mask[b, 0, :q, :n], mask[b, 0, :q, width : width + q] = plan.mask[:, :n], plan.mask[:, n:]
+        mask[b, 0, range(q, q_max), range(width + q, width + q_max)] = True
+    batch = DynamicCache(config=model.config)
+    if width:
+        for layer in range(len(batch.layers)):
+            held = [cache.layers[layer] for cache, _ in entries]
+            like = next(h for h, n in zip(held, past) if n)  # a fresh session's empty entries take its shape
+            keys = [_pad(h.keys if n else like.keys[:, :, :0], width) for h, n in zip(held, past)]
+            values = [_pad(h.values if n else like.values[:, :, :0], width) for h, n in zip(held, past)]
+            batch.update(torch.cat(keys), torch.cat(values), layer)
+    out = model.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), cache=batch, use_cache=True,
+                              attention_mask=_mask_for(model, mask, model.dtype).to(device))
+    results = []
+    for b, ((cache, plan), n) in enumerate(zip(entries, past)):
+        q = len(plan.tokens)
+        for layer, entry in enumerate(batch.layers):
+            cache.update(entry.keys[b : b + 1, :, width : width + q], entry.values[b : b + 1, :, width : width + q], layer)
+        hidden = out.last_hidden_state[b, :q]
+        results.append((model.get_output_embeddings()(hidden[q - plan.rows :]), hidden))
+    return results
+
+
+def _pad(entries: torch.Tensor, width: int) -> torch.Tensor:
+    """[1, heads, n, dim] -> [1, heads, width, dim], zeros after the n entries."""
+    return torch.nn.functional.pad(entries, (0, 0, 0, width - entries.shape[-2]))
 
 
 def keep_cache_entries(cache, past_len: int, keep: list[int]) -> None:

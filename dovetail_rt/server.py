@@ -65,6 +65,18 @@ class Metrics:
         self.verify = Histogram("dovetail:verify_pass_seconds", "One verifier pass, by sessions in the pass",
                                 ["batch"], registry=r, buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
 
+    def watch_draft(self, draft) -> None:
+        """Export a shared draft LM's pass counts (read at each scrape)."""
+        from prometheus_client import Gauge
+
+        from .lm_shared import SharedLM
+
+        if isinstance(draft, SharedLM):
+            Gauge("dovetail:draft_passes", "Draft model passes run (each holds one or more requests' forwards)",
+                  registry=self.registry).set_function(lambda: draft.passes)
+            Gauge("dovetail:draft_forwards", "Draft forwards of all requests; / draft_passes = mean batch",
+                  registry=self.registry).set_function(lambda: draft.forwards)
+
     def step(self, before: tuple, stats) -> tuple:
         """Count one verification step from the stats before and after it."""
         n_steps, n_drafted, n_accepted, verify_s = before
@@ -117,13 +129,15 @@ class Backend:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
         from . import store
         from .client import Client
-        from .drafter import open_draft
+        from .drafter import open_draft, share
 
         cfg = self.config
         try:
             endpoint = cfg.verifier or self.child.wait_ready().endpoint
             draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine,
                                           sessions=cfg.parallel)
+            draft = share(draft)  # the requests' draft forwards that wait together run as one pass
+            self.metrics.watch_draft(getattr(draft, "model", draft))
             for _ in range(cfg.parallel):
                 self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
                                            draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 
 from dovetail_rt import lm  # noqa: E402
 
-from conftest import ROOT, engine_greedy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
+from conftest import ROOT, engine_greedy, noisy_copy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
 
 KEY = "test-key"
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}w1"  # a tiny chat template: the turns, then w1
@@ -358,5 +358,43 @@ def test_a_verifier_that_dies_mid_stream_ends_the_stream_with_an_error_and_healt
         assert error["type"] == "server_error" and "verifier" in error["message"]
         status, body = get(s.url + "/health")
         assert status == 503 and "verifier" in body["error"]["message"]
+    finally:
+        s.stop()
+
+
+@pytest.mark.timeout(180)
+def test_requests_drafting_at_once_share_draft_passes_and_get_their_greedy_outputs(model_dir, target, tmp_path):
+    """A small-LM draft shared by --parallel 4 requests: their draft forwards that wait together run as
+    one pass of the draft model (/metrics: fewer passes than forwards), and every output is still the
+    target's own greedy decode."""
+    draft_dir = save_model(noisy_copy(tiny_target(0, sharpen=30), noise=0.3), tiny_tokenizer(), tmp_path / "draft")
+    s = Server(model_dir, "-md", str(draft_dir), "--draft-dtype", "float32", "--parallel", "4", "--engine", "torch",
+               "--draft-max", "4")
+    try:
+        s.wait_ready()
+        tok = tiny_tokenizer()
+        prompts = [f"w{a} w{a + 3} w{a + 1} w{a + 3}" for a in (11, 23, 35, 47)]
+        results = [None] * len(prompts)
+        start = threading.Barrier(len(prompts))
+
+        def one(i):
+            start.wait()
+            results[i] = post(s.url + "/v1/completions", {"prompt": prompts[i], "max_tokens": 40, "temperature": 0})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (status, _, body) in enumerate(results):
+            assert status == 200, body
+            body = json.loads(body)
+            ids = tok(prompts[i], add_special_tokens=False)["input_ids"]
+            assert body["choices"][0]["text"] == expected_text(target, ids, 40)[0]
+            assert body["timings"]["draft_n"] > 0
+        _, metrics = get(s.url + "/metrics")
+        value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                 if line.startswith("dovetail:draft_")}
+        assert 0 < value["dovetail:draft_passes"] < value["dovetail:draft_forwards"], value
     finally:
         s.stop()
