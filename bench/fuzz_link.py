@@ -6,9 +6,13 @@ within the timeout), disturbed sessions (the good client's output changed), `int
 the verifier's RSS before and after (hostile sessions ended or reclaimed). A table, then one JSON line.
 
     python bench/fuzz_link.py [--messages 100000] [--seed 0] [--peers 4] [-m qwen2.5-coder-0.5b]
+                              [--tiny torch|llamacpp] [--aim 0.15]
 
 The target is a real installed model (the 0.5B by default: refused messages cost nothing, and the
-valid-looking ones it must run cost little)."""
+valid-looking ones it must run cost little), or with ``--tiny`` the tests' tiny random Llama (vocab 99)
+on either engine, fast enough that ``--aim`` (the share of messages that are valid STARTs and VERIFYs
+of the peer's own sessions: sampling settings, prompts and draft trees the model must run) can reach
+the model paths tens of thousands of times."""
 
 from __future__ import annotations
 
@@ -84,6 +88,38 @@ def hostile_frames(rng: random.Random, sessions: list[int], own: list[int]) -> l
     return [bytes([mtype]), header]
 
 
+def aimed_frames(rng: random.Random, own: list[int], vocab: int) -> list[bytes]:
+    """A valid message for the model paths: a HELLO while the peer has no session, else a START (random
+    prompt and sampling settings) or a VERIFY (a random draft tree, possibly of a session with no
+    generation yet: refused, or one whose prompt is still going in)."""
+    if not own:
+        mtype, fields = 1, {"vocab": []}
+    elif rng.random() < 0.3:
+        mtype, fields = 3, {"session": rng.choice(own), "prompt": [rng.randrange(vocab) for _ in range(rng.randrange(1, 64))],
+                            "temperature": rng.choice([0.0, 0.7, 1.5]), "top_k": rng.choice([0, 5, vocab]),
+                            "top_p": rng.choice([1.0, 0.9, 0.01]), "seed": rng.randrange(2**63),
+                            "features": rng.random() < 0.2}
+    else:
+        n = rng.randrange(0, 17)
+        mtype, fields = 4, {"session": rng.choice(own), "tokens": [rng.randrange(vocab) for _ in range(n)],
+                            "parents": [rng.randrange(0, i + 1) for i in range(n)]}
+    return [bytes([mtype]), msgpack.packb([1, rng.randrange(1 << 30), fields])]
+
+
+def tiny_model(engine: str, folder: Path) -> tuple[str, object, list[int]]:
+    """The tests' tiny target (vocab 99, peaked) written for ``engine``: (its path, tokenizer, a prompt)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import save_model, tiny_target, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_target(0, sharpen=30)
+    if engine == "llamacpp":
+        from tiny_gguf import write_gguf
+
+        vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+        return str(write_gguf(model, vocab, folder / "tiny.gguf")), tok, [5, 7, 9, 11]
+    return str(save_model(model, tok, folder / "tiny")), tok, [5, 7, 9, 11]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=100_000)
@@ -92,6 +128,10 @@ def main() -> int:
     p.add_argument("-m", "--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--in-flight", type=int, default=8, help="messages a hostile peer sends before reading the replies")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a reply may take before it counts as a hang")
+    p.add_argument("--tiny", choices=["torch", "llamacpp"], default=None,
+                   help="instead of -m: the tests' tiny random Llama on this engine (fast: for --aim)")
+    p.add_argument("--aim", type=float, default=0.0,
+                   help="share of messages that are valid STARTs / VERIFYs of the peer's own sessions (model paths)")
     args = p.parse_args()
 
     import psutil
@@ -101,11 +141,20 @@ def main() -> int:
     from dovetail_rt.config import dovetail_home
     from dovetail_rt.launcher import VerifierChild
 
+    import tempfile
+
     rng = random.Random(args.seed)
-    tokenizer = store.load_tokenizer(args.model, dovetail_home())
-    prompt = tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+    scratch = tempfile.TemporaryDirectory()
+    if args.tiny:
+        args.model, tokenizer, prompt = tiny_model(args.tiny, Path(scratch.name))
+        engine, dtype, vocab = args.tiny, "float32", 99
+    else:
+        tokenizer = store.load_tokenizer(args.model, dovetail_home())
+        prompt = tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+        engine, dtype, vocab = "auto", "auto", 1000
     counts = {"sent": 0, "answered": 0, "hangs": 0, "internal": 0, "codes": {}}
-    with VerifierChild(args.model, "auto", ["--max-sessions", str(4 * args.peers + 4), "--idle-timeout", "5"]) as child:
+    with VerifierChild(args.model, dtype, ["--max-sessions", str(4 * args.peers + 4), "--idle-timeout", "5",
+                                           "--engine", engine, *(["-t", "1"] if args.tiny else [])]) as child:
         rss = lambda: psutil.Process(child.proc.pid).memory_info().rss
         good = Client(verifier=child.endpoint, draft=None, tokenizer=tokenizer, timeout_s=args.timeout)
         expected = good.generate(prompt, 24).token_ids
@@ -136,7 +185,9 @@ def main() -> int:
                 sock = rng.choice(peers)
                 burst = min(args.in_flight, args.messages - counts["sent"])
                 for _ in range(burst):  # several in flight: the verifier takes what waits together
-                    sock.send_multipart(hostile_frames(rng, sessions, owned[sock]))
+                    aimed = rng.random() < args.aim
+                    sock.send_multipart(aimed_frames(rng, owned[sock], vocab) if aimed
+                                        else hostile_frames(rng, sessions, owned[sock]))
                 counts["sent"] += burst
                 bar.update(burst)
                 for _ in range(burst):
@@ -168,7 +219,8 @@ def main() -> int:
         disturbed = sum(o != expected for o in outputs)
         good.close()
     result = {
-        "command": "python " + " ".join(sys.argv), "model": args.model, "seed": args.seed, "messages": counts["sent"],
+        "command": "python " + " ".join(sys.argv), "model": f"tiny ({args.tiny})" if args.tiny else args.model,
+        "aim": args.aim, "model_replies": counts["codes"].get("RESULT", 0), "seed": args.seed, "messages": counts["sent"],
         "answered": counts["answered"], "seconds": round(seconds, 1), "crashed": not alive, "hangs": counts["hangs"],
         "internal_errors": counts["internal"], "good_generations": len(outputs), "disturbed": disturbed,
         "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
@@ -177,7 +229,8 @@ def main() -> int:
     }
     print(f"{counts['sent']} hostile messages in {seconds:.0f} s: crashed {result['crashed']}, hangs {counts['hangs']}, "
           f"internal errors {counts['internal']}, good generations {len(outputs)} ({disturbed} disturbed), "
-          f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({100 * (result['rss_change'] or 0):+.1f} %)")
+          f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({100 * (result['rss_change'] or 0):+.1f} %); "
+          f"{result['model_replies']} RESULTs (messages the model ran)")
     for code, n in sorted(counts["codes"].items(), key=lambda kv: -kv[1]):
         print(f"  {code:20s} {n}")
     out = Path("bench/results") / time.strftime("fuzz-%Y%m%d-%H%M%S.json")

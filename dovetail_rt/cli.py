@@ -52,7 +52,9 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
                    help="draft sessions served at once; past it a new one is refused as busy, with when to retry "
                         f"(default {VerifierConfig.max_sessions})")
     g.add_argument("--max-sessions-per-peer", type=int, default=VerifierConfig.max_sessions_per_peer,
-                   help=f"sessions one draft connection may hold (default {VerifierConfig.max_sessions_per_peer})")
+                   help="sessions one peer may hold: one connection, or with keys one authorized draft host however "
+                        f"many connections it opens (default {VerifierConfig.max_sessions_per_peer}; a `serve --verifier` "
+                        "host needs its --parallel)")
     g.add_argument("--idle-timeout", type=float, default=VerifierConfig.idle_timeout_s, metavar="SECONDS",
                    help="a session unused this long is closed and its KV memory freed; its client reopens one "
                         f"(default {VerifierConfig.idle_timeout_s:.0f})")
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also write these weight formats of each model, comma separated ({', '.join(store.FORMATS)}), with "
                         "llama.cpp's quantizer; use them as NAME:FORMAT, e.g. -m qwen2.5-coder-1.5b:q4_0")
     msub.add_parser("list", help="show the known models and whether they are installed")
+    for command in sub.choices.values():  # `dovetail verifier ... -v` as well as `dovetail -v verifier ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

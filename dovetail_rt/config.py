@@ -82,7 +82,7 @@ class VerifierConfig:
     dtype: str = "auto"  # torch engine: auto | float32 | bfloat16 (llama.cpp runs the file's own format)
     n_ctx: int = 4096  # llamacpp engine: KV cache tokens per session
     max_sessions: int = 16  # past it HELLO is refused with ``busy`` (no session is ever closed to make room)
-    max_sessions_per_peer: int = 4  # sessions one connection may hold
+    max_sessions_per_peer: int = 4  # sessions one peer may hold: a connection, or (CURVE) an authorized host's key
     idle_timeout_s: float = 600.0  # a session unused this long is closed and its KV memory freed
     prefill_chunk: int = 64  # prompt tokens per pass: a long prompt stalls other sessions' steps at most this long
     kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)

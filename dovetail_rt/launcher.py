@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 class VerifierChild:
@@ -18,8 +19,10 @@ class VerifierChild:
     """
 
     def __init__(self, model: str, dtype: str = "auto", extra: list[str] | None = None, env: dict | None = None,
-                 wait: bool = True):
+                 wait: bool = True, log_file: Path | None = None):
+        """``log_file``: the verifier's log (stderr) goes there, appended, instead of to this process's."""
         self.model, self.extra, self.env = ["-m", model, "--dtype", dtype], list(extra or []), env
+        self.log_file = log_file
         self._spawn()
         if wait:
             self.wait_ready()
@@ -28,7 +31,10 @@ class VerifierChild:
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *self.model, "--listen", "tcp://127.0.0.1:0",
                "--ready-fd", str(write_fd), "--exit-with-parent", *self.extra]
-        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=self.env)
+        log = open(self.log_file, "ab") if self.log_file else None
+        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=self.env, stderr=log)
+        if log:
+            log.close()  # the child holds its own copy
         os.close(write_fd)
         self.ready_fd, self.endpoint, self.target = read_fd, "", {}
 
@@ -55,7 +61,8 @@ class VerifierChild:
         self.target = json.loads(line) if line else {}  # engine, weight format and file it runs
         if not self.endpoint:
             code = self.proc.wait()
-            raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages above")
+            where = f"in {self.log_file}" if self.log_file else "above"
+            raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages {where}")
         return self
 
     def stop(self) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from . import protocol
 from .config import LinkConfig
@@ -31,8 +35,6 @@ def _common(sock: zmq.Socket, max_bytes: int) -> None:
 
 def load_key(path: str, secret: bool) -> tuple[bytes, bytes | None]:
     """(public, secret) Z85 keys from a `dovetail keys generate` file; clear errors for the wrong file."""
-    import zmq.auth
-
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -42,22 +44,82 @@ def load_key(path: str, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+class CappedWarnings:
+    """Warnings about peers, at most ``limit`` per ``window_s``, then one line counting the rest: a peer
+    that sends garbage or knocks with unknown keys must not fill the disk."""
+
+    def __init__(self, logger: logging.Logger, limit: int = 20, window_s: float = 10.0):
+        self.log, self.limit, self.window_s = logger, limit, window_s
+        self.start, self.count = time.monotonic(), 0
+
+    def __call__(self, text: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.start > self.window_s:
+            if self.count > self.limit:
+                self.log.warning("... and %d more warnings about peers in those %.0f s (not logged one by one)",
+                                 self.count - self.limit, self.window_s)
+            self.start, self.count = now, 0
+        self.count += 1
+        if self.count <= self.limit:
+            self.log.warning(text, *args)
+
+
+class HostKeys(ThreadAuthenticator):
+    """ZAP (a thread of ``zmq.auth``) for a CURVE verifier: admits the draft hosts whose public keys
+    (NAME.key files of `dovetail keys generate`) are in the ``--authorized-keys`` folder, read at start;
+    logs each refused key (capped); and names every admitted connection after its key file (the
+    frames' ``User-Id``), so the verifier counts sessions per host, not per connection."""
+
+    def __init__(self, ctx: zmq.Context, folder: str):
+        super().__init__(ctx, log=logging.getLogger("dovetail_rt.auth"))
+        self.folder, self.names = folder, {}
+        try:
+            for path in sorted(Path(folder).glob("*.key")):
+                self.names[zmq.auth.load_certificate(path)[0]] = path.stem
+        except (OSError, ValueError) as exc:
+            raise LinkError(f"cannot read the authorized keys in {folder}: {exc}") from exc
+        if not self.names:
+            raise LinkError(f"the --authorized-keys folder {folder} holds no public keys: copy each draft host's "
+                            "NAME.key file there (`dovetail keys generate` writes it)")
+        self.warn = CappedWarnings(self.log)
+
+    def start(self) -> None:
+        super().start()
+        self.configure_curve_callback(domain="*", credentials_provider=self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """``key``: a connecting host's public key, Z85."""
+        if key in self.names:
+            return True
+        self.warn("refused a draft host whose key %s... is not in %s (to admit it, copy its NAME.key there and "
+                  "restart the verifier)", key[:10].decode(errors="replace"), self.folder)
+        return False
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(z85.encode(client_public_key), "?")
+
+
+def peer_host(frame: zmq.Frame) -> str | None:
+    """The authorized host a received frame came from (its key file's name), on a CURVE socket."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+
+
 def bind_router(ctx: zmq.Context, link: LinkConfig) -> tuple[zmq.Socket, str, object | None]:
     """The verifier's socket, the endpoint actually bound (port 0 -> real port) and, with CURVE, the
-    ZAP authenticator (a thread of zmq.auth) that admits only the authorized draft hosts' keys; stop it
-    after closing the socket."""
+    ZAP authenticator (``HostKeys``) that admits only the authorized draft hosts' keys; stop it after
+    closing the socket."""
     auth = None
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, link.max_message_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
     try:
         if link.curve:
-            from zmq.auth.thread import ThreadAuthenticator
-
             public, secret = load_key(link.curve_secret_key, secret=True)
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("dovetail_rt.auth"))
+            auth = HostKeys(ctx, link.authorized_keys)
             auth.start()
-            auth.configure_curve(domain="*", location=link.authorized_keys)
             sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
         elif not link.loopback:
             log.warning("listening on %s WITHOUT keys (--insecure): anyone who reaches it drives the target",

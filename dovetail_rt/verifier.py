@@ -23,6 +23,7 @@ import zmq
 from . import lm, protocol, sampling, transport
 from .config import VerifierConfig
 from .protocol import Message, MsgType, ProtocolError
+from .transport import CappedWarnings, peer_host
 
 log = logging.getLogger(__name__)
 REFUSALS_LOGGED = 20  # refusal warnings per 10 s; the rest are counted
@@ -32,6 +33,7 @@ REFUSALS_LOGGED = 20  # refusal warnings per 10 s; the rest are counted
 class Session:
     id: int
     identity: bytes
+    host: str | None = None  # the authorized host that opened it (CURVE: its key file's name)
     state: lm.Session | None = None  # the target's KV cache for this session (committed tokens)
     root: int | None = None  # last committed token, not yet run by the target
     params: sampling.SamplingParams = sampling.SamplingParams()
@@ -74,7 +76,8 @@ class Verifier:
         info = target.info
         self.vocab_size, self.max_positions, self.vocab, self.eos = info.vocab_size, info.max_positions, info.vocab, info.eos
         self.sessions: dict[int, Session] = {}
-        self._refusals = [time.monotonic(), 0]  # [window start, refusals in it]
+        self.hosts: dict[bytes, str] = {}  # CURVE: connection -> its authorized host (key name), this drain's
+        self._warn = CappedWarnings(log, REFUSALS_LOGGED)
 
     # ---- dispatch -------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> Message | None:
@@ -111,10 +114,11 @@ class Verifier:
         if mismatch:
             raise ProtocolError(mismatch, "tokenizer_mismatch")
         self.reclaim_idle()
-        self._check_room(identity)
+        host = self.hosts.get(identity)
+        self._check_room(identity, host)
         sid = secrets.randbits(62)
-        self.sessions[sid] = Session(sid, identity)
-        log.info("session %d opened (%d open)", sid, len(self.sessions))
+        self.sessions[sid] = Session(sid, identity, host)
+        log.info("session %d opened%s (%d open)", sid, f" for host {host}" if host else "", len(self.sessions))
         info = self.target.info
         return Message(MsgType.WELCOME, fields={
             "session": sid, "model": info.name, "vocab_size": self.vocab_size, "hidden_size": info.hidden_size,
@@ -255,14 +259,18 @@ class Verifier:
         return Message(MsgType.BYE, fields={"session": s.id})
 
     # ---- limits -----------------------------------------------------------------------------
-    def _check_room(self, identity: bytes) -> None:
+    def _check_room(self, identity: bytes, host: str | None) -> None:
         """A new session must not cost anyone else theirs: past a limit HELLO is refused with ``busy``
-        (and when to retry), never by closing another peer's session."""
+        (and when to retry), never by closing another peer's session. A peer is an authorized host (its
+        key) on a CURVE link, where one host may open many connections; else one connection."""
         cfg, now = self.config, time.monotonic()
-        mine = sum(s.identity == identity for s in self.sessions.values())
+        if host is not None:
+            mine, who = sum(s.host == host for s in self.sessions.values()), f"host {host} (its key)"
+        else:
+            mine, who = sum(s.identity == identity for s in self.sessions.values()), "this connection"
         if mine >= cfg.max_sessions_per_peer:
-            raise ProtocolError(f"this connection already holds {mine} sessions, the most one connection may: END one "
-                                "before opening another", "busy", retry_after=1)
+            raise ProtocolError(f"{who} already holds {mine} sessions, the most one peer may (--max-sessions-per-peer "
+                                f"{cfg.max_sessions_per_peer}): END one before opening another", "busy", retry_after=1)
         if len(self.sessions) >= cfg.max_sessions:
             soonest = min(s.last_used for s in self.sessions.values()) + cfg.idle_timeout_s - now
             retry = max(1, int(soonest + 1))
@@ -308,7 +316,7 @@ class Verifier:
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
         """Answer requests until ``should_stop()``; a bad request never stops the loop. Each turn takes
         every request waiting and runs one pass (``step``); while prompts are going in it does not wait."""
-        reclaimed = time.monotonic()
+        reclaimed, curve = time.monotonic(), bool(sock.getsockopt(zmq.CURVE_SERVER))
         while not should_stop():
             if time.monotonic() - reclaimed > 1.0:  # also under steady traffic: dead clients' KV goes back
                 self.reclaim_idle()
@@ -317,6 +325,8 @@ class Verifier:
             if sock.poll(0 if self.prefilling else poll_ms):
                 while len(waiting) < 4 * self.config.max_sessions and sock.poll(0):
                     identity, *body = sock.recv_multipart(copy=False)
+                    if curve and body:
+                        self.hosts[identity.bytes] = peer_host(body[0])
                     waiting.append((identity.bytes, body))
             elif not self.prefilling:
                 continue
@@ -325,6 +335,7 @@ class Verifier:
                     sock.send_multipart([identity, *protocol.encode(reply)], copy=False, flags=zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
                     self._warn("could not reply to peer %s (gone, or not reading its replies): %s", identity.hex(), exc)
+            self.hosts.clear()
 
     @property
     def prefilling(self) -> bool:
@@ -383,18 +394,6 @@ class Verifier:
 
     def _log_refusal(self, identity: bytes, exc: ProtocolError) -> None:
         self._warn("refused a message from peer %s: [%s] %s", identity.hex(), exc.code, exc)
-
-    def _warn(self, text: str, *args) -> None:
-        """At most REFUSALS_LOGGED warnings per 10 s: a peer sending garbage must not fill the disk."""
-        now = time.monotonic()
-        if now - self._refusals[0] > 10.0:
-            if self._refusals[1] > REFUSALS_LOGGED:
-                log.warning("... and %d more warnings about peers in those 10 s (not logged one by one)",
-                            self._refusals[1] - REFUSALS_LOGGED)
-            self._refusals = [now, 0]
-        self._refusals[1] += 1
-        if self._refusals[1] <= REFUSALS_LOGGED:
-            log.warning(text, *args)
 
 
 def tokenizer_mismatch(draft: list[str], target: list[str]) -> str | None:

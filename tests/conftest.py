@@ -60,8 +60,9 @@ def save_model(model, tokenizer, path: Path) -> Path:
 class VerifierProcess(VerifierChild):
     """`dovetail verifier` on a tiny model in a child process (one thread), float32 by default."""
 
-    def __init__(self, model_dir: Path, *extra: str, dtype: str = "float32"):
-        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    def __init__(self, model_dir: Path, *extra: str, dtype: str = "float32", log_file: Path | None = None):
+        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], log_file=log_file,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
 
 
 @pytest.fixture(scope="session")
