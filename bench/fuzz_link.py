@@ -88,20 +88,20 @@ def hostile_frames(rng: random.Random, sessions: list[int], own: list[int]) -> l
     return [bytes([mtype]), header]
 
 
-def aimed_frames(rng: random.Random, own: list[int], vocab: int) -> list[bytes]:
+def aimed_frames(rng: random.Random, own: list[int], started: list[int], vocab: int) -> list[bytes]:
     """A valid message for the model paths: a HELLO while the peer has no session, else a START (random
-    prompt and sampling settings) or a VERIFY (a random draft tree, possibly of a session with no
-    generation yet: refused, or one whose prompt is still going in)."""
+    prompt and sampling settings) or a VERIFY (a random draft tree) of a session that answered a START
+    (it may since have been ended, reclaimed or restarted by the peer's own hostile messages)."""
     if not own:
         mtype, fields = 1, {"vocab": []}
-    elif rng.random() < 0.3:
+    elif not started or rng.random() < 0.3:
         mtype, fields = 3, {"session": rng.choice(own), "prompt": [rng.randrange(vocab) for _ in range(rng.randrange(1, 64))],
                             "temperature": rng.choice([0.0, 0.7, 1.5]), "top_k": rng.choice([0, 5, vocab]),
                             "top_p": rng.choice([1.0, 0.9, 0.01]), "seed": rng.randrange(2**63),
                             "features": rng.random() < 0.2}
     else:
         n = rng.randrange(0, 17)
-        mtype, fields = 4, {"session": rng.choice(own), "tokens": [rng.randrange(vocab) for _ in range(n)],
+        mtype, fields = 4, {"session": rng.choice(started), "tokens": [rng.randrange(vocab) for _ in range(n)],
                             "parents": [rng.randrange(0, i + 1) for i in range(n)]}
     return [bytes([mtype]), msgpack.packb([1, rng.randrange(1 << 30), fields])]
 
@@ -159,6 +159,7 @@ def main() -> int:
         good = Client(verifier=child.endpoint, draft=None, tokenizer=tokenizer, timeout_s=args.timeout)
         expected = good.generate(prompt, 24).token_ids
         rss_start = rss()
+        rss_samples: list[float] = []
         outputs, stop = [], threading.Event()
 
         def well_behaved():  # generates beside the flood, every output must be the first one
@@ -174,6 +175,7 @@ def main() -> int:
             peers.append(s)
         sessions = [good.session]  # ids the hostile peers may aim at: the good one's and their own
         owned = {sock: [] for sock in peers}  # each hostile peer's own sessions
+        started = {sock: [] for sock in peers}  # those that answered a START
         worker = threading.Thread(target=well_behaved)
         worker.start()
         t0 = time.perf_counter()
@@ -186,10 +188,12 @@ def main() -> int:
                 burst = min(args.in_flight, args.messages - counts["sent"])
                 for _ in range(burst):  # several in flight: the verifier takes what waits together
                     aimed = rng.random() < args.aim
-                    sock.send_multipart(aimed_frames(rng, owned[sock], vocab) if aimed
+                    sock.send_multipart(aimed_frames(rng, owned[sock], started[sock], vocab) if aimed
                                         else hostile_frames(rng, sessions, owned[sock]))
                 counts["sent"] += burst
                 bar.update(burst)
+                if counts["sent"] * 10 // args.messages > len(rss_samples):  # every tenth of the run: growth or plateau?
+                    rss_samples.append(round(rss() / 2**20, 1))
                 for _ in range(burst):
                     if not sock.poll(args.timeout * 1000):
                         counts["hangs"] += 1
@@ -203,6 +207,12 @@ def main() -> int:
                     code = reply.fields.get("code", reply.type.name) if reply.type == protocol.MsgType.ERROR else reply.type.name
                     counts["codes"][code] = counts["codes"].get(code, 0) + 1
                     counts["internal"] += code == "internal"
+                    if reply.type == protocol.MsgType.BYE:  # ended by its own hostile END: aim elsewhere
+                        for held in (owned[sock], started[sock]):
+                            if reply.fields.get("session") in held:
+                                held.remove(reply.fields.get("session"))
+                    if reply.type == protocol.MsgType.RESULT and reply.fields.get("session") not in started[sock]:
+                        started[sock].append(reply.fields.get("session"))
                     if reply.type == protocol.MsgType.WELCOME:
                         sessions.append(reply.fields["session"])
                         owned[sock].append(reply.fields["session"])
@@ -224,13 +234,15 @@ def main() -> int:
         "answered": counts["answered"], "seconds": round(seconds, 1), "crashed": not alive, "hangs": counts["hangs"],
         "internal_errors": counts["internal"], "good_generations": len(outputs), "disturbed": disturbed,
         "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
-        "rss_change": round(rss_end / rss_start - 1, 4) if alive else None, "replies": counts["codes"],
+        "rss_change": round(rss_end / rss_start - 1, 4) if alive else None, "rss_every_tenth_mib": rss_samples,
+        "replies": counts["codes"],
         "machine": report.machine_info("-"), "commit": report.code_version(),
     }
     print(f"{counts['sent']} hostile messages in {seconds:.0f} s: crashed {result['crashed']}, hangs {counts['hangs']}, "
           f"internal errors {counts['internal']}, good generations {len(outputs)} ({disturbed} disturbed), "
           f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({100 * (result['rss_change'] or 0):+.1f} %); "
-          f"{result['model_replies']} RESULTs (messages the model ran)")
+          f"{result['model_replies']} RESULTs (messages the model ran); RSS at each tenth of the run: "
+          f"{', '.join(map(str, rss_samples))} MiB")
     for code, n in sorted(counts["codes"].items(), key=lambda kv: -kv[1]):
         print(f"  {code:20s} {n}")
     out = Path("bench/results") / time.strftime("fuzz-%Y%m%d-%H%M%S.json")

@@ -116,6 +116,11 @@ def load_section(res: dict, name: str) -> list[str]:
     if same:
         out.append(f"- Greedy outputs of the {same['streams']}-stream level identical to the same request run alone: "
                    f"{same['identical']} of {same['requests']}.")
+        if same.get("divergences"):
+            out.append("- Where each differing pair parts (token index; batched / alone; the target's one-token decode's "
+                       "top-2 and their logit gap there): " + "; ".join(
+                           f"{d['at']}: {d['batched']!r} / {d['alone']!r}, decode {d['one_token_decode']!r} vs "
+                           f"{d['runner_up']!r}, gap {d['top2_gap']}" for d in same["divergences"]) + ".")
     if res.get("steps_by_pass_sessions"):
         out.append("- Verification steps by sessions in their pass: " +
                    ", ".join(f"{b}: {n}" for b, n in res["steps_by_pass_sessions"].items()) + ".")
@@ -137,8 +142,26 @@ def fuzz_section(res: dict, name: str) -> list[str]:
             f"- A well-behaved greedy client beside them: {res['good_generations']} generations, "
             f"{res['disturbed']} different from its first.",
             f"- Verifier RSS {res['rss_start_mib']} MiB before, {res['rss_end_mib']} MiB after the hostile peers left "
-            f"(their sessions reclaimed): {100 * res['rss_change']:+.1f} %.",
+            f"(their sessions reclaimed): {100 * res['rss_change']:+.1f} %" + (
+                f"; at each tenth of the run {', '.join(map(str, res['rss_every_tenth_mib']))} MiB."
+                if res.get("rss_every_tenth_mib") else "."),
+            *([f"- {res['aim']:.0%} of the messages aimed at the model paths (valid STARTs and VERIFYs of the peer's own "
+               f"sessions): {res['model_replies']} RESULTs, i.e. messages the model ran."] if res.get("aim") else []),
             f"- Replies: {codes}.", ""]
+
+
+def draft_batch_section(res: dict, name: str) -> list[str]:
+    out = [f"## The server's shared draft LM batched on a GPU `{name}` ({res['device']}, {res['dtype']})", "",
+           "Command: `PYTHONPATH=. python bench/gpu_draft_batch.py OUT` on a lent machine; random weights of "
+           "Qwen2.5-0.5B's shapes through the torch engine; median of 20 (ms).", "",
+           "| cached tokens | 1 session | 2 / 4 / 8 / 16 in one pass | 8 / 16 one after another | 8 trees of 8 nodes: one pass / one after another | 8 threads x 20 steps: plain / SharedLM (passes for forwards) | batched vs alone: max abs diff, argmax same |",
+           "|---|---|---|---|---|---|---|"]
+    for ctx, r in res["contexts"].items():
+        out.append(f"| {ctx} | {r['one_token']:.1f} | {r['batch_2']:.1f} / {r['batch_4']:.1f} / {r['batch_8']:.1f} / "
+                   f"{r['batch_16']:.1f} | {r['each_8']:.1f} / {r['each_16']:.1f} | {r['tree8_batch_8']:.1f} / "
+                   f"{r['tree8_each_8']:.1f} | {r['threads_plain_ms']:.0f} / {r['threads_shared_ms']:.0f} "
+                   f"({r['shared_passes']} for {r['shared_forwards']}) | {r['max_abs_diff']:.4f}, {r['argmax_agree']} of 8 |")
+    return out + [""]
 
 
 def gpu_section(res: dict, name: str) -> list[str]:
@@ -184,6 +207,8 @@ def main() -> None:
         lines += curve_section(json.loads(Path(curve).read_text()))
     for f in args.gpu if args.gpu is not None else sorted(map(str, RESULTS.glob("gpu_check-*.json"))):
         lines += gpu_section(json.loads(Path(f).read_text()), Path(f).stem)
+    for f in sorted(map(str, RESULTS.glob("gpu_draft_batch-*.json"))):
+        lines += draft_batch_section(json.loads(Path(f).read_text()), Path(f).stem)
     if args.notes:
         lines += [Path(args.notes).read_text()]
     print("\n".join(lines))

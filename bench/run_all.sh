@@ -33,6 +33,10 @@ LOAD+=("$(load -m qwen2.5-coder-1.5b:bf16 --streams 1,2,4,8,16 -n 64 --parallel 
 LOAD+=("$(load --streams 1 -n 128 --parallel 4 --compare-run 8)")
 # the link under 100,000 hostile messages (issue 12): its file is rendered from bench/results/fuzz-*.json
 .venv/bin/python bench/fuzz_link.py --messages 100000 --seed 0 >/dev/null
+# the same aimed at the model paths (30 % valid STARTs / VERIFYs) on the tests' tiny target, both engines
+for engine in llamacpp torch; do
+  .venv/bin/python bench/fuzz_link.py --messages 100000 --seed 0 --tiny "$engine" --aim 0.3 >/dev/null
+done
 NOTES=(); [[ -f bench/NOTES.md ]] && NOTES=(--notes bench/NOTES.md)
 # shellcheck disable=SC2086
 .venv/bin/python bench/render_results.py --bench "${FILES[@]}" ${EARLIER:-} --curve "$CURVE" --load "${LOAD[@]}" "${NOTES[@]}" > bench/RESULTS.md

@@ -77,6 +77,7 @@ class Verifier:
         self.vocab_size, self.max_positions, self.vocab, self.eos = info.vocab_size, info.max_positions, info.vocab, info.eos
         self.sessions: dict[int, Session] = {}
         self.hosts: dict[bytes, str] = {}  # CURVE: connection -> its authorized host (key name), this drain's
+        self.orphans: list[tuple[bytes, Message]] = []  # replies to STARTs whose prompt will never go in
         self._warn = CappedWarnings(log, REFUSALS_LOGGED)
 
     # ---- dispatch -------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class Verifier:
             self._drop_state(s)
             s.state, s.want_features = self.target.session(features=want_features), want_features
         s.state.truncate(0)
+        self._abandon(s, "superseded", "a newer START on this session replaced this one before its prompt went in")
         s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt))
 
     def on_verify(self, identity: bytes, msg: Message) -> Message:
@@ -288,8 +290,15 @@ class Verifier:
 
     # ---- helpers ----------------------------------------------------------------------------
     def _close(self, s: Session) -> None:
+        self._abandon(s, "unknown_session", f"session {s.id} was closed before this START's prompt went in")
         self._drop_state(s)
         del self.sessions[s.id]
+
+    def _abandon(self, s: Session, code: str, text: str) -> None:
+        """A START whose prompt will never go in still gets its one reply (with the next ``step``'s)."""
+        if s.prefill is not None:
+            self.orphans.append((s.prefill.identity, protocol.error(s.prefill.seq, code, text)))
+            s.prefill = None
 
     @staticmethod
     def _drop_state(s: Session) -> None:
@@ -328,7 +337,7 @@ class Verifier:
                     if curve and body:
                         self.hosts[identity.bytes] = peer_host(body[0])
                     waiting.append((identity.bytes, body))
-            elif not self.prefilling:
+            elif not self.prefilling and not self.orphans:
                 continue
             for identity, reply in self.step(waiting):
                 try:  # never wait on one peer: a peer that stops reading loses its own replies, nobody else's
@@ -368,6 +377,7 @@ class Verifier:
                 replies += [(identity, protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}"))
                             for identity, msg in batch]
         replies += [(identity, self.answer(identity, msg)) for identity, msg in after]
+        replies, self.orphans = self.orphans + replies, []  # an abandoned START's reply before the later ones
         return [(identity, reply) for identity, reply in replies if reply is not None]
 
     def reply_all(self, waiting: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:

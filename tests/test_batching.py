@@ -122,3 +122,24 @@ def test_a_long_prompt_goes_in_by_chunks_without_stalling_another_session():
     ((_, r),) = alone.reply_all([(b"c", ask(b"c", Message(MsgType.START, 2, {"session": w.fields["session"],
                                                                             "prompt": long_prompt})))])
     assert chunked == r.fields["bonus"]
+
+
+def test_every_start_gets_its_one_reply_when_superseded_or_its_session_ends():
+    """A START whose prompt is still going in gets an error reply (not silence) when a newer START on its
+    session replaces it, or when the session is ended."""
+    from dovetail_rt import protocol
+    from dovetail_rt.protocol import Message, MsgType
+
+    v = in_process_verifier(chunk=16)
+    ask = lambda msg: [(b"a", protocol.encode(msg))]
+    ((_, welcome),) = v.step(ask(Message(MsgType.HELLO, 1, {"vocab": []})))
+    sid, long_prompt = welcome.fields["session"], [(7 * i) % 90 + 3 for i in range(100)]
+    assert v.step(ask(Message(MsgType.START, 2, {"session": sid, "prompt": long_prompt}))) == []  # going in
+    replies = v.reply_all(ask(Message(MsgType.START, 3, {"session": sid, "prompt": [5, 6, 7]})))
+    assert [(r.seq, r.type, r.fields.get("code")) for _, r in replies] == [(2, MsgType.ERROR, "superseded"),
+                                                                          (3, MsgType.RESULT, None)]
+    assert v.step(ask(Message(MsgType.START, 4, {"session": sid, "prompt": long_prompt}))) == []
+    replies = v.step(ask(Message(MsgType.END, 5, {"session": sid})))
+    assert sorted((r.seq, r.type, r.fields.get("code")) for _, r in replies) == [(4, MsgType.ERROR, "unknown_session"),
+                                                                                (5, MsgType.BYE, None)]
+    assert not v.sessions and not v.prefilling
