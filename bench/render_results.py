@@ -164,6 +164,22 @@ def draft_batch_section(res: dict, name: str) -> list[str]:
     return out + [""]
 
 
+def gather_section(res: dict, name: str) -> list[str]:
+    """bench/gpu_draft_gather.py's file: SharedLM's gather window, threads drafting at once."""
+    out = [f"## SharedLM's gather window on a GPU `{name}`", "",
+           "Command: `PYTHONPATH=. OUT=DIR python bench/gpu_draft_gather.py` on a lent machine (random weights of "
+           "Qwen2.5-0.5B's shapes, float16); wall ms for threads drafting one-token steps at 200 cached tokens, "
+           "two repetitions.", "",
+           "| threads x steps | plain engine | gather 0 ms | 0.5 ms | 2 ms (default) | 5 ms |", "|---|---|---|---|---|---|"]
+    cells = lambda g: " / ".join(f"{res[f'gather_{g}_{r}'][0]:.0f} ({res[f'gather_{g}_{r}'][1]} passes)" for r in (0, 1))
+    out.append(f"| 8 x 20 | {res['plain_0']:.0f} / {res['plain_1']:.0f} | {cells(0.0)} | {cells(0.0005)} | "
+               f"{cells(0.002)} | {cells(0.005)} |")
+    for n in (1, 4):
+        pair = lambda k: " / ".join(f"{res[f'threads{n}_{k}_{r}']:.0f}" for r in (0, 1))
+        out.append(f"| {n} x 20 | {pair('plain')} | {pair('gather0')} | - | {pair('gather2ms')} | - |")
+    return out + [""]
+
+
 def gpu_section(res: dict, name: str) -> list[str]:
     out = [f"## GPU check {name} ({res['gpu']}, {res['cpu_cores']} CPU cores)", "",
            "Command: `bash bench/gpu_check.sh OUT` on a lent machine (random weights of the real shapes for timing).", "",
@@ -209,6 +225,8 @@ def main() -> None:
         lines += gpu_section(json.loads(Path(f).read_text()), Path(f).stem)
     for f in sorted(map(str, RESULTS.glob("gpu_draft_batch-*.json"))):
         lines += draft_batch_section(json.loads(Path(f).read_text()), Path(f).stem)
+    for f in sorted(map(str, RESULTS.glob("gpu_draft_gather-*.json"))):
+        lines += gather_section(json.loads(Path(f).read_text()), Path(f).stem)
     if args.notes:
         lines += [Path(args.notes).read_text()]
     print("\n".join(lines))

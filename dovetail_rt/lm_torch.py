@@ -21,6 +21,7 @@ from .lm import ModelInfo, Output
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALONE_ROWS = 16  # a forward longer than this runs alone in ``forward_batch`` (the batch pads to the longest)
 
 
 def cpu_has_bf16() -> bool:
@@ -116,21 +117,35 @@ class TorchLM:
 
     def forward_batch(self, items: list) -> list:
         """Several sessions in one forward (``batch_forward``): their caches padded to the longest into
-        one batch, each row attending to its own session's entries only. One item is its own forward."""
+        one batch, each row attending to its own session's entries only. A forward of more than
+        ``ALONE_ROWS`` tokens (a prompt, a draft's catch-up) runs alone, since the batch pads every
+        session to the longest; so does each item when the batch fails (out of memory, say)."""
         results: list = [None] * len(items)
-        planned = []
+        together = []
         for i, (s, tokens, parents, logits_for) in enumerate(items):
             try:
-                planned.append((i, s, s.plan(tokens, parents, logits_for)))
+                plan = s.plan(tokens, parents, logits_for)
             except ValueError as exc:
                 results[i] = exc
-        if len(planned) == 1:
-            i, s, plan = planned[0]
+                continue
+            if len(tokens) > ALONE_ROWS:
+                results[i] = s.run(plan)
+            else:
+                together.append((i, s, plan))
+        if len(together) == 1:
+            i, s, plan = together[0]
             results[i] = s.run(plan)
-        elif planned:
-            outs = batch_forward(self.model, [(s.cache, plan) for _, s, plan in planned])
-            for (i, s, plan), (logits, hidden) in zip(planned, outs):
-                results[i] = s.commit(plan, logits, hidden)
+        elif together:
+            try:
+                outs = batch_forward(self.model, [(s.cache, plan) for _, s, plan in together])
+            except Exception:  # the sessions' caches are as they were: each alone, its own error if any
+                log.warning("a batched forward of %d sessions failed; running them one at a time", len(together),
+                            exc_info=True)
+                for i, s, plan in together:
+                    results[i] = s.run(plan)
+            else:
+                for (i, s, plan), (logits, hidden) in zip(together, outs):
+                    results[i] = s.commit(plan, logits, hidden)
         return results
 
     def close(self) -> None:
@@ -254,13 +269,27 @@ def batch_forward(model, entries: list[tuple]) -> list[tuple[torch.Tensor, torch
     out = model.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), cache=batch, use_cache=True,
                               attention_mask=_mask_for(model, mask, model.dtype).to(device))
     results = []
-    for b, ((cache, plan), n) in enumerate(zip(entries, past)):
+    for b, (_, plan) in enumerate(entries):  # everything that can fail before any session's cache changes
         q = len(plan.tokens)
-        for layer, entry in enumerate(batch.layers):
-            cache.update(entry.keys[b : b + 1, :, width : width + q], entry.values[b : b + 1, :, width : width + q], layer)
         hidden = out.last_hidden_state[b, :q]
         results.append((model.get_output_embeddings()(hidden[q - plan.rows :]), hidden))
+    try:
+        for b, ((cache, plan), n) in enumerate(zip(entries, past)):
+            q = len(plan.tokens)
+            for layer, entry in enumerate(batch.layers):
+                cache.update(entry.keys[b : b + 1, :, width : width + q], entry.values[b : b + 1, :, width : width + q], layer)
+    except Exception:
+        for (cache, _), n in zip(entries, past):
+            _restore(cache, n)
+        raise
     return results
+
+
+def _restore(cache, length: int) -> None:
+    """Every layer of ``cache`` back to its first ``length`` entries (layers may differ after a failure)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
 def _pad(entries: torch.Tensor, width: int) -> torch.Tensor:

@@ -177,8 +177,14 @@ class Verifier:
         while work:
             group, work = (work, []) if self.target.info.batches else (work[:1], work[1:])
             t0 = time.perf_counter()
-            # 1 forward: each session's root + draft nodes (or prompt chunk), seeing only its own cache and ancestors
-            outs = self.target.forward_batch([(w.session.state, w.tokens, w.parents, w.rows) for w in group])
+            try:  # 1 forward: each session's root + draft nodes (or prompt chunk), seeing only its own cache and ancestors
+                outs = self.target.forward_batch([(w.session.state, w.tokens, w.parents, w.rows) for w in group])
+            except Exception as exc:  # this group's requests get errors; replies built for earlier groups stand
+                log.exception("internal error in a pass")
+                for w in group:
+                    w.session.prefill, w.session.root = None, None  # it must START again
+                    replies.append((w.identity, protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")))
+                continue
             seconds = time.perf_counter() - t0
             ran = [w.tokens for w, o in zip(group, outs) if isinstance(o, lm.Output)]
             shared = {"batch": len(ran), "rows": sum(map(len, ran))}  # sessions and tokens in this pass
