@@ -110,14 +110,17 @@ def compare_run(client, model_id: str, prompts: list[str], n: int, args) -> dict
             "serve_over_run_median": statistics.median(ratios) if ratios else None, "rows": rows}
 
 
-def pass_sizes(url: str) -> dict:
-    """Verification steps by how many sessions shared their verifier pass (the server's /metrics)."""
+def pass_sizes(url: str) -> tuple[dict, dict | None]:
+    """Verification steps by how many sessions shared their verifier pass, and (a shared small-LM draft)
+    the draft model's passes and the forwards they held (the server's /metrics)."""
     import re
 
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     found = re.findall(r'^dovetail:verify_pass_seconds_count\{batch="(\d+)"\} ([0-9.e+]+)$', text, re.M)
-    return {int(b): int(float(n)) for b, n in sorted(found, key=lambda x: int(x[0]))}
+    draft = dict(re.findall(r"^dovetail:draft_(passes|forwards) ([0-9.e+]+)$", text, re.M))
+    return ({int(b): int(float(n)) for b, n in sorted(found, key=lambda x: int(x[0]))},
+            {k: int(float(v)) for k, v in draft.items()} if draft else None)
 
 
 def identity(client, model: str, row: dict, n: int) -> dict:
@@ -202,7 +205,7 @@ def main() -> int:
         level(client, model, prompts[:1], 1, 1, 4)  # warm-up, not measured
         rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n) for s in args.streams.split(",")]
         same = identity(client, model, rows[-1], args.n) if args.check_identity else None
-        passes = pass_sizes(url)
+        passes, draft_passes = pass_sizes(url)
         overhead = compare_run(client, model, prompts[-args.compare_run:], args.n, args) if args.compare_run else None
     finally:
         if proc is not None:
@@ -223,13 +226,16 @@ def main() -> int:
             print(f"  differs at token {d['at']}: {d['batched']!r} vs {d['alone']!r}; the one-token decode's top-2 "
                   f"{d['one_token_decode']!r} / {d['runner_up']!r}, gap {d['top2_gap']} logits ({d['prompt'][:40]!r})")
     print("steps by sessions in their verifier pass: " + ", ".join(f"{b}: {n}" for b, n in passes.items()))
+    if draft_passes:
+        print(f"draft model: {draft_passes['forwards']} forwards in {draft_passes['passes']} passes "
+              f"({draft_passes['forwards'] / max(1, draft_passes['passes']):.2f} a pass; warm-up included)")
     if overhead:
         print(f"one stream through the server vs `dovetail run`, {overhead['prompts']} prompts: median "
               f"{overhead['serve_over_run_median']:.3f}x the tokens/s")
     result = {"command": "python " + " ".join(sys.argv), "draft": args.model_draft, "n": args.n, "dataset": args.dataset,
               "parallel": args.parallel, "requests_per_stream": args.requests_per_stream,
               "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows, "identity": same,
-              "steps_by_pass_sessions": passes, "server_vs_run": overhead}
+              "steps_by_pass_sessions": passes, "draft_passes": draft_passes, "server_vs_run": overhead}
     if args.out:
         out = Path(args.out) / time.strftime("load-%Y%m%d-%H%M%S.json")
         out.parent.mkdir(parents=True, exist_ok=True)

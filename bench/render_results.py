@@ -124,6 +124,10 @@ def load_section(res: dict, name: str) -> list[str]:
     if res.get("steps_by_pass_sessions"):
         out.append("- Verification steps by sessions in their pass: " +
                    ", ".join(f"{b}: {n}" for b, n in res["steps_by_pass_sessions"].items()) + ".")
+    if res.get("draft_passes"):
+        d = res["draft_passes"]
+        out.append(f"- The shared draft model ran {d['forwards']} forwards of all requests in {d['passes']} passes "
+                   f"({d['forwards'] / max(1, d['passes']):.2f} a pass, the start-up warm-up included).")
     over = res.get("server_vs_run")
     if over and "rates" in over:  # earlier files compared whole-request rates on prompts the server had seen
         out.append(f"- One stream through the server vs `dovetail run` on the same {over['prompts']} prompts (decode tokens/s, "

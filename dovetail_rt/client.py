@@ -129,7 +129,8 @@ class Client:
         """``curve_secret_key`` / ``curve_server_key``: this host's secret key file and the verifier's public
         key file (`dovetail keys generate`), for a verifier that listens with keys (CURVE).
         A session lost mid-generation (the verifier restarted, or closed it idle) is reopened and resumed
-        within ``timeout_s``; ``reconnect()`` (optional) gives the endpoint to reopen it at (a restarted child's)."""
+        within ``timeout_s``; ``reconnect()`` (optional) gives the endpoint to reopen it at after a dead
+        link (a restarted child's)."""
         self.link = LinkConfig(endpoint=verifier, timeout_s=timeout_s, curve_secret_key=curve_secret_key,
                                curve_server_key=curve_server_key)
         if self.link.curve and not self.link.curve_server_key:
@@ -175,7 +176,10 @@ class Client:
                 self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=1.0)
             except transport.LinkError:
                 pass
-        endpoint = self._reconnect() if self._reconnect else self.conn.endpoint
+        # the verifier answered `unknown_session`: it is where it was (asking `reconnect()`, which may wait to
+        # tell a dying child verifier, would only delay the resume)
+        moved = self._reconnect is not None and isinstance(why, transport.LinkLost)
+        endpoint = self._reconnect() if moved else self.conn.endpoint
         self.conn.close()
         self.conn, self.session = self._connect(endpoint), None  # a new connection: the old one's sessions are gone
         try:
