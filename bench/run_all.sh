@@ -31,6 +31,8 @@ load() { .venv/bin/python bench/load.py --requests-per-stream 2 -md ngram "$@" |
 LOAD=("$(load --streams 1,2,4,8,16 -n 64 --parallel 16 --check-identity)")
 LOAD+=("$(load -m qwen2.5-coder-1.5b:bf16 --streams 1,2,4,8,16 -n 64 --parallel 16 --check-identity)")
 LOAD+=("$(load --streams 1 -n 128 --parallel 4 --compare-run 8)")
+LOAD+=("$(load -m qwen2.5-coder-1.5b:q4_0 --streams 1,2,4,8 -n 64 --parallel 16)")
+LOAD+=("$(load -md qwen2.5-coder-0.5b --streams 1,4 -n 64 --parallel 4)")  # the shared draft model's passes
 # the link under 100,000 hostile messages (issue 12): its file is rendered from bench/results/fuzz-*.json
 .venv/bin/python bench/fuzz_link.py --messages 100000 --seed 0 >/dev/null
 # the same aimed at the model paths (30 % valid STARTs / VERIFYs) on the tests' tiny target, both engines
