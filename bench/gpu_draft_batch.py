@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
 from dovetail_rt.lm_shared import SharedLM  # noqa: E402
+from gpu_draft_gather import trial  # noqa: E402
 from dovetail_rt.lm_torch import open_model  # noqa: E402
 
 DRY = os.environ.get("DRY_RUN") == "1"
@@ -111,33 +113,13 @@ def main(out_dir: Path) -> None:
         row["max_abs_diff"] = max(float((a.logits - b).abs().max()) for a, b in zip(together, alone))
         row["argmax_agree"] = sum(int(a.logits.argmax()) == int(b.argmax()) for a, b in zip(together, alone))
 
-        # 8 threads drafting at once, the server's way: plain engine vs SharedLM
-        for name, model_lm in (("threads_plain", engine), ("threads_shared", SharedLM(engine))):
-            own = [model_lm.session() for _ in range(8)]
-            for s, base in zip(own, sessions):
-                s.forward(torch.randint(0, vocab, (ctx,), generator=gen).tolist(), logits_for=1)
-                s.keep(list(range(ctx)))
-            start = threading.Barrier(8)
-
-            def draft(s):
-                start.wait()
-                for k in range(20):
-                    s.forward([k + 3])
-                    s.keep([0])
-
-            sync()
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=draft, args=(s,)) for s in own]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            sync()
-            row[name + "_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            if isinstance(model_lm, SharedLM):
-                row["shared_passes"], row["shared_forwards"] = model_lm.passes, model_lm.forwards
-            for s in own:
-                s.close()
+        # 8 threads drafting at once, the server's way: plain engine vs SharedLM (as recorded in
+        # gpu_draft_batch-h200.json: no gather window yet; bench/gpu_draft_gather.py measures the window)
+        prompt = lambda: torch.randint(0, vocab, (ctx,), generator=gen).tolist()  # noqa: E731
+        row["threads_plain_ms"] = trial(engine, 8, 20, prompt)
+        shared = SharedLM(engine, gather_s=0.0)
+        row["threads_shared_ms"] = trial(shared, 8, 20, prompt)
+        row["shared_passes"], row["shared_forwards"] = shared.passes, shared.forwards
         for s in sessions:
             s.close()
         report["contexts"][str(ctx)] = row

@@ -35,12 +35,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def trial(model_lm, threads: int = 8, steps: int = 20) -> float:
-    """Wall ms for ``threads`` sessions drafting ``steps`` one-token steps each, all at once."""
+def trial(model_lm, threads: int = 8, steps: int = 20, prompt=lambda: list(range(200))) -> float:
+    """Wall ms for ``threads`` sessions (each first prefilled with ``prompt()``) drafting ``steps``
+    one-token steps each, all at once."""
     own = [model_lm.session() for _ in range(threads)]
     for s in own:
-        s.forward(list(range(200)), logits_for=1)
-        s.keep(list(range(200)))
+        tokens = prompt()
+        s.forward(tokens, logits_for=1)
+        s.keep(list(range(len(tokens))))
     start = threading.Barrier(threads)
 
     def draft(s):

@@ -171,15 +171,16 @@ class Client:
         prefill the committed context there; the reply's bonus is the next token. Within the timeout,
         else a clear error. Greedy output is unchanged; sampling keeps the target's distribution."""
         log.warning("verifier session lost (%s): resuming on a new session from %d tokens", why, len(committed))
-        if self.session is not None:  # a verifier that is only slow would keep the old session until idle
+        # `unknown_session`: the verifier answered, so it is where it was and holds nothing of ours. A dead
+        # link: the verifier may be only slow (END the old session, else it holds it until idle), or gone
+        # (``reconnect()`` says where it is now, e.g. a restarted child)
+        link_lost = isinstance(why, transport.LinkLost)
+        if link_lost and self.session is not None:
             try:
                 self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=1.0)
             except transport.LinkError:
                 pass
-        # the verifier answered `unknown_session`: it is where it was (asking `reconnect()`, which may wait to
-        # tell a dying child verifier, would only delay the resume)
-        moved = self._reconnect is not None and isinstance(why, transport.LinkLost)
-        endpoint = self._reconnect() if moved else self.conn.endpoint
+        endpoint = self._reconnect() if link_lost and self._reconnect else self.conn.endpoint
         self.conn.close()
         self.conn, self.session = self._connect(endpoint), None  # a new connection: the old one's sessions are gone
         try:

@@ -36,7 +36,6 @@ class SharedLM:
     def __init__(self, inner, gather_s: float = GATHER_S):
         """``gather_s``: how long a pass's leader may wait for the threads of the last pass to queue again."""
         self.inner, self.info, self.gather_s = inner, inner.info, gather_s
-        self.tokenizer = getattr(inner, "tokenizer", None)
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []
         self._running = False

@@ -168,16 +168,13 @@ class TorchSession:
         """Validate a forward and work out its positions and mask; the cache is not touched."""
         n_pending = len(self.pending)
         every, depth, rows = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
-        new_nodes = list(range(n_pending, len(every)))
-        return _Plan(list(tokens), every, [self.length + d for d in depth[n_pending:]], rows,
-                     linear=every == list(range(-1, len(every) - 1)),  # one chain after the committed tokens
-                     mask=tree.expansion_mask(new_nodes, list(range(n_pending)), every, self.length))
+        return _Plan(list(tokens), every, [self.length + d for d in depth[n_pending:]], rows, n_pending, self.length)
 
     def run(self, plan: "_Plan") -> Output:
         past = self.length + len(self.pending)
         try:
             logits, hidden = forward(self.model, self.cache, plan.tokens, plan.positions,
-                                     None if plan.linear else plan.mask[None, None], plan.rows)
+                                     None if plan.linear else plan.mask()[None, None], plan.rows)
         except Exception:
             crop_cache(self.cache, past)
             raise
@@ -211,8 +208,19 @@ class _Plan:
     every: list[int]  # parents of every pending node after the forward
     positions: list[int]  # of the new nodes
     rows: int  # the last ``rows`` nodes get logits
-    linear: bool  # a chain after the committed tokens and the pending chain: plain causal attention
-    mask: torch.Tensor  # [q, cached + q] bool: what each new node sees
+    first: int  # pending nodes before it
+    committed: int  # committed tokens before it
+
+    @property
+    def linear(self) -> bool:
+        """One chain after the committed tokens and the pending chain: plain causal attention."""
+        return self.every == list(range(-1, len(self.every) - 1))
+
+    def mask(self) -> torch.Tensor:
+        """[q, cached + q] bool: what each new node sees (built only where needed: it walks every
+        node's ancestors, quadratic in a long prompt)."""
+        return tree.expansion_mask(list(range(self.first, len(self.every))), list(range(self.first)), self.every,
+                                   self.committed)
 
 
 def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -254,9 +262,9 @@ def batch_forward(model, entries: list[tuple]) -> list[tuple[torch.Tensor, torch
     pos = torch.zeros(len(entries), q_max, dtype=torch.long)
     mask = torch.zeros(len(entries), 1, q_max, width + q_max, dtype=torch.bool)
     for b, ((_, plan), n) in enumerate(zip(entries, past)):
-        q = len(plan.tokens)
+        q, seen = len(plan.tokens), plan.mask()
         ids[b, :q], pos[b, :q] = torch.tensor(plan.tokens), torch.tensor(plan.positions)
-        mask[b, 0, :q, :n], mask[b, 0, :q, width : width + q] = plan.mask[:, :n], plan.mask[:, n:]
+        mask[b, 0, :q, :n], mask[b, 0, :q, width : width + q] = seen[:, :n], seen[:, n:]
         mask[b, 0, range(q, q_max), range(width + q, width + q_max)] = True
     batch = DynamicCache(config=model.config)
     if width:
@@ -280,16 +288,9 @@ def batch_forward(model, entries: list[tuple]) -> list[tuple[torch.Tensor, torch
                 cache.update(entry.keys[b : b + 1, :, width : width + q], entry.values[b : b + 1, :, width : width + q], layer)
     except Exception:
         for (cache, _), n in zip(entries, past):
-            _restore(cache, n)
+            crop_cache(cache, n)
         raise
     return results
-
-
-def _restore(cache, length: int) -> None:
-    """Every layer of ``cache`` back to its first ``length`` entries (layers may differ after a failure)."""
-    for layer in cache.layers:
-        if layer.keys is not None and layer.keys.shape[-2] > length:
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
 def _pad(entries: torch.Tensor, width: int) -> torch.Tensor:
@@ -311,7 +312,8 @@ def keep_cache_entries(cache, past_len: int, keep: list[int]) -> None:
 
 
 def crop_cache(cache, length: int) -> None:
-    """Drop every cache entry past ``length``."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop every cache entry past ``length``, layer by layer (after a failed update the layers may
+    hold different counts)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]

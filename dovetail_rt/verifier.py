@@ -26,7 +26,6 @@ from .protocol import Message, MsgType, ProtocolError
 from .transport import CappedWarnings, peer_host
 
 log = logging.getLogger(__name__)
-REFUSALS_LOGGED = 20  # refusal warnings per 10 s; the rest are counted
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Verifier:
         self.sessions: dict[int, Session] = {}
         self.hosts: dict[bytes, str] = {}  # CURVE: connection -> its authorized host (key name), this drain's
         self.orphans: list[tuple[bytes, Message]] = []  # replies to STARTs whose prompt will never go in
-        self._warn = CappedWarnings(log, REFUSALS_LOGGED)
+        self._warn = CappedWarnings(log)  # refusal warnings: 20 per 10 s, the rest counted
 
     # ---- dispatch -------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> Message | None:
@@ -181,9 +180,7 @@ class Verifier:
                 outs = self.target.forward_batch([(w.session.state, w.tokens, w.parents, w.rows) for w in group])
             except Exception as exc:  # this group's requests get errors; replies built for earlier groups stand
                 log.exception("internal error in a pass")
-                for w in group:
-                    w.session.prefill, w.session.root = None, None  # it must START again
-                    replies.append((w.identity, protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")))
+                replies += [(w.identity, self._internal(w, exc)) for w in group]
                 continue
             seconds = time.perf_counter() - t0
             ran = [w.tokens for w, o in zip(group, outs) if isinstance(o, lm.Output)]
@@ -201,12 +198,17 @@ class Verifier:
                         reply = self._commit_chunk(w, out)
                 except Exception as exc:  # one session's failure must not cost the others their replies
                     log.exception("internal error committing session %d's step", w.session.id)
-                    w.session.prefill, w.session.root = None, None  # it must START again
-                    reply = protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")
+                    reply = self._internal(w, exc)
                 if reply is not None:
                     reply.seq = w.seq
                     replies.append((w.identity, reply))
         return replies
+
+    @staticmethod
+    def _internal(w: Work, exc: Exception) -> Message:
+        """The reply to a step that failed inside the verifier; its session must START again."""
+        w.session.prefill, w.session.root = None, None
+        return protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")
 
     def _commit_verify(self, w: Work, out: lm.Output, seconds: float, shared: dict) -> Message:
         s, tokens = w.session, w.tokens
