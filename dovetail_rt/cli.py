@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", default=None,
                    help=f"also write these weight formats of each model, comma separated ({', '.join(store.FORMATS)}), with "
                         "llama.cpp's quantizer; use them as NAME:FORMAT, e.g. -m qwen2.5-coder-1.5b:q4_0")
+    i.add_argument("--no-curve", action="store_true",
+                   help="do not measure the target's verification curve on this machine after installing it "
+                        "(about a minute; the verifier loads it at start so the first drafts are sized from it)")
     msub.add_parser("list", help="show the known models and whether they are installed")
     for command in sub.choices.values():  # `dovetail verifier ... -v` as well as `dovetail -v verifier ...`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -368,19 +371,25 @@ def cmd_run(args) -> int:
         if value is not None:
             extra += [flag, str(value)]
     with VerifierChild(args.model, args.dtype, extra) as child:
-        restarted = []
+        deaths: list[int] = []  # the exit codes of the children that died
 
         def reconnect() -> str:  # a lost session: the same child if it lives, else a new one, once
+            from .transport import LinkError
+
             if not child.exited():
                 return child.endpoint
-            if restarted:
-                from .transport import LinkError
-
-                raise LinkError("the verifier child died a second time: not restarting it again")
-            restarted.append(child.proc.returncode)
-            print(f"dovetail: the verifier exited (code {child.proc.returncode}) mid-generation; restarting it once "
-                  "and resuming", file=sys.stderr, flush=True)
-            return child.restart()
+            report = child.death_report()
+            if deaths:
+                same = " the same way" if deaths[0] == child.proc.returncode else ""
+                raise LinkError(f"the verifier died{same} again after its restart: not restarting it a third time; "
+                                f"{report}")
+            deaths.append(child.proc.returncode)
+            print(f"dovetail: {report}\ndovetail: restarting the verifier once and resuming (if it dies the same way "
+                  "again, the cause is in its engine, not a passing fault)", file=sys.stderr, flush=True)
+            try:
+                return child.restart()
+            except RuntimeError as exc:
+                raise LinkError(str(exc)) from exc
 
         return cmd_generate(args, child.endpoint, reconnect)
 
@@ -497,7 +506,32 @@ def cmd_models(args) -> int:
     formats = [f.strip() for f in (args.format or "").split(",") if f.strip()]
     for path in store.install(home, args.names or None, formats=formats):
         print(f"ready: {path}")
+    targets = [n for n in (args.names or store.RELEASES) if store.RELEASES.get(n) and store.RELEASES[n].role == "target"]
+    if targets and not args.no_curve:
+        measure_curve(targets[0], home)
     return 0
+
+
+def measure_curve(spec: str, home: Path) -> None:
+    """The installed target's verification curve on this machine, kept for its verifier (unless one is
+    kept already for this machine, model and engine)."""
+    from . import placement
+    from .bench import curve
+    from .lm import choose_engine
+    from .lm_llamacpp import weight_format
+    from .verifier import load_verify_curve
+
+    if choose_engine("auto", spec, home) != "llamacpp":
+        return  # the torch engine's curve depends on --dtype: `dovetail bench --verify-curve` measures it
+    threads = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0))).threads  # the verifier's default
+    if load_verify_curve(home, spec, f"llamacpp-{weight_format(store.gguf_file(spec, home))}", threads)[0] is not None:
+        print(f"verification curve: kept for this machine ({home / 'verify_curve.json'})")
+        return
+    print(f"measuring {spec}'s verification curve on this machine (about a minute, once; --no-curve skips it) ...",
+          flush=True)
+    result = curve.measure_installed(spec, home, threads)
+    print(curve.table({**result, "curves": result["curves"]}))
+    print(f"verification curve: kept in {home / 'verify_curve.json'} (the verifier loads it at start)")
 
 
 def main(argv: list[str] | None = None) -> int:

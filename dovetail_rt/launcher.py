@@ -4,9 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
+
+# What a user can do about a child that died of a signal (the kernel's name for it first).
+_ADVICE = {
+    "SIGSEGV": "a crash in the engine's native code: try `--engine torch`, or `python -m dovetail_rt.kernels probe` "
+               "to see which llama.cpp kernels pass on this CPU (`bash launch/setup.sh` rebuilds llama-cpp-python for it)",
+    "SIGILL": "an instruction this CPU lacks: llama-cpp-python was built for another CPU; `bash launch/setup.sh` "
+              "builds it for this one",
+    "SIGBUS": "a memory-mapped model file changed or its disk failed: check the file (`dovetail models install`)",
+    "SIGABRT": "the engine aborted (its last lines say why); run with -v for its log",
+    "SIGKILL": "killed from outside, most often by the out-of-memory killer: lower --ctx-size or --max-sessions",
+}
+
+
+def _last_words(log: list[str], n: int) -> list[str]:
+    """The lines that say why: before a native crash (faulthandler's "Fatal Python error"), what the
+    child last logged, the error and the frames it was in; otherwise its last ``n`` lines."""
+    fatal = next((i for i in range(len(log) - 1, -1, -1) if log[i].startswith("Fatal Python error")), None)
+    if fatal is None:
+        return log[-n:]
+    after = log[fatal + 1:]
+    current = next((i for i, l in enumerate(after) if l.startswith("Current thread")), None)
+    frames = [] if current is None else [l for l in after[current:current + 6] if l.startswith(("Current", "  File"))]
+    return log[max(0, fatal - 3):fatal + 1] + frames
 
 
 class VerifierChild:
@@ -31,12 +57,46 @@ class VerifierChild:
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *self.model, "--listen", "tcp://127.0.0.1:0",
                "--ready-fd", str(write_fd), "--exit-with-parent", *self.extra]
-        log = open(self.log_file, "ab") if self.log_file else None
-        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=self.env, stderr=log)
-        if log:
-            log.close()  # the child holds its own copy
+        self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=self.env,
+                                     stderr=subprocess.PIPE)
         os.close(write_fd)
         self.ready_fd, self.endpoint, self.target = read_fd, "", {}
+        self.last_lines: deque[str] = deque(maxlen=40)  # the child's latest log lines, for a death report
+        self._relay = threading.Thread(target=self._relay_log, args=(self.proc.stderr,), daemon=True,
+                                       name="dovetail-verifier-log")
+        self._relay.start()
+
+    def _relay_log(self, pipe) -> None:
+        """The child's stderr goes on to ours (or to ``log_file``), and its last lines are kept."""
+        out = open(self.log_file, "a", encoding="utf-8") if self.log_file else sys.stderr
+        try:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode(errors="replace")
+                self.last_lines.append(line.rstrip())
+                try:
+                    out.write(line)
+                    out.flush()
+                except (OSError, ValueError, AttributeError):  # our stderr went away: keep reading (never block the child)
+                    pass
+        finally:
+            pipe.close()
+            if self.log_file:
+                out.close()
+
+    def death_report(self, lines: int = 8) -> str:
+        """Why the child is gone, in words: the signal or exit code, its last log lines, what to try."""
+        code = self.proc.poll()
+        if code is None:
+            return "the verifier process is running"
+        self._relay.join(timeout=2.0)  # its last words are still in the pipe
+        if code < 0:
+            name = signal.Signals(-code).name
+            what = f"the verifier process died of {name} (signal {-code}): {_ADVICE.get(name, 'see its last lines')}"
+        else:
+            what = f"the verifier process exited with code {code}"
+        tail = _last_words([l for l in self.last_lines if l.strip()], lines)
+        where = f" (whole log: {self.log_file})" if self.log_file else ""
+        return what + (f"; its last lines{where}:\n    " + "\n    ".join(tail) if tail else "")
 
     def exited(self, wait_s: float = 2.0) -> bool:
         """Whether the child has exited, given the moments a dying one takes (its connection can close
@@ -60,9 +120,8 @@ class VerifierChild:
             line = ready.readline().strip()
         self.target = json.loads(line) if line else {}  # engine, weight format and file it runs
         if not self.endpoint:
-            code = self.proc.wait()
-            where = f"in {self.log_file}" if self.log_file else "above"
-            raise RuntimeError(f"the verifier exited (code {code}) before it was ready; see its messages {where}")
+            self.proc.wait()
+            raise RuntimeError(f"the verifier did not start: {self.death_report()}")
         return self
 
     def stop(self) -> None:

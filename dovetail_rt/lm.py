@@ -50,6 +50,7 @@ class ModelInfo:
     trees: bool = True  # one forward over a tree of pending nodes
     features: bool = True  # last-layer hidden states (what a draft head reads)
     batches: bool = False  # ``forward_batch`` runs several sessions in one pass (the verifier then batches them)
+    kernels: str = ""  # which CPU kernels run it and why (llama.cpp: the probe's verdict, ``kernels.py``)
 
     def describe(self) -> str:
         return f"{self.engine} engine, {self.weight_format} weights, {self.path}"

@@ -16,6 +16,11 @@ Committing the path that ends at node a: ``seq_cp(a's sequence, base)``, then ``
 node's sequence (cells off the path are freed) and the borrowed ids go back to the pool. Nothing
 here may call ``seq_keep``: in a shared pool it would free every other session.
 
+Kernels: before the first model opens, ``kernels.verdict()`` says which of the build's kernel paths
+work on this CPU (probed once in a child process, kept per build and CPU): the repacked weight
+layouts (and AMX tiles where built in) when they pass, else the plain kernels (``use_extra_bufts``
+off), and the start-up line says which and why.
+
 Numerics: llama.cpp's CPU matmuls pick kernels by the number of rows, so a token's logits in a
 q-token pass can differ slightly from a one-token step (DESIGN.md §7). Flash attention is off (its
 blocked softmax is one more batch-dependent path and does not speed up the short contexts here);
@@ -129,7 +134,11 @@ def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4
     if path is None:
         raise store.ModelNotFound(f"'{spec}' has no GGUF file for the llama.cpp engine: pass a .gguf file or an "
                                   "installed default (`dovetail models install`), or use --engine torch")
-    return LlamaCppLM(spec, path, threads, n_ctx, n_batch, max_tree, numa, kv_cells or n_ctx * sessions)
+    from . import kernels
+
+    found = kernels.verdict(progress=log.warning)
+    return LlamaCppLM(spec, path, threads, n_ctx, n_batch, max_tree, numa, kv_cells or n_ctx * sessions,
+                      kernels=found)
 
 
 N_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids 0..255, lent to sessions and tree nodes
@@ -137,7 +146,8 @@ N_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids 0..255, lent to sessions 
 
 class LlamaCppLM:
     def __init__(self, name: str, path: Path, threads: int | None, n_ctx: int, n_batch: int, max_tree: int, numa: bool,
-                 kv_cells: int | None = None):
+                 kv_cells: int | None = None, kernels=None):
+        """``kernels``: the probe's ``kernels.Verdict`` (None: the build's fastest kernels, unprobed)."""
         import os
 
         L = self.L = _llama()
@@ -145,6 +155,7 @@ class LlamaCppLM:
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0
         params.use_mmap = True
+        params.use_extra_bufts = kernels is None or kernels.config.extra_bufts
         self.model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise store.ModelNotFound(f"llama.cpp could not load {path}: not a GGUF model it supports (run with -v for its log)")
@@ -159,7 +170,7 @@ class LlamaCppLM:
             name=name, engine="llamacpp", path=str(path), weight_format=format_name(_meta(self.model, "general.file_type")),
             vocab=self._vocab_strings(n_vocab), vocab_size=n_vocab, hidden_size=L.llama_model_n_embd(self.model),
             eos=[i for i in range(n_vocab) if L.llama_vocab_is_eog(self.vocab_p, i)], max_positions=self.n_ctx,
-            batches=True,
+            batches=True, kernels=kernels.describe() if kernels is not None else "unprobed (the build's fastest)",
         )
         self.kv_cells = self._pool_size(kv_cells or self.n_ctx)
         self.lock = threading.RLock()  # one decode at a time per context; sessions may live in several threads

@@ -17,6 +17,30 @@ SYS_NODES = Path("/sys/devices/system/node")
 SYS_CPUS = Path("/sys/devices/system/cpu")
 
 
+def cpu_identity() -> str:
+    """The CPU's architecture, model name and feature flags: what a native build, its kernels and a
+    measured verification curve belong to."""
+    import platform
+
+    model, flags = "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} | {model or platform.processor()} | {flags}"
+
+
+def machine_id() -> str:
+    """A short digest of ``cpu_identity()``."""
+    import hashlib
+
+    return hashlib.sha256(cpu_identity().encode()).hexdigest()[:16]
+
+
 def parse_cpulist(text: str) -> list[int]:
     """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
     cpus: list[int] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,8 @@ class Metrics:
         self.accepted_tokens = Counter("dovetail:spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r)
         self.accepted_per_pos = Counter("dovetail:spec_decode_num_accepted_tokens_per_pos",
                                         "Draft tokens accepted, by draft position (0 = first)", ["position"], registry=r)
+        self.restarts = Counter("dovetail:verifier_restarts", "Times the verifier child died and was restarted",
+                                registry=r)
         self.success = Counter("dovetail:requests_success", "Finished requests", ["finished_reason"], registry=r)
         self.running = Gauge("dovetail:requests_running", "Requests generating", registry=r)
         self.waiting = Gauge("dovetail:requests_waiting", "Requests waiting for a slot", registry=r)
@@ -97,11 +100,20 @@ def snapshot(stats) -> tuple:
 
 
 class Backend:
-    """The verifier (child or remote), the shared draft and the pool of Clients."""
+    """The verifier (child or remote), the shared draft and the pool of Clients.
+
+    A verifier child that dies is restarted by a supervisor thread (after 1, 2, 4 ... 30 s, at most
+    ``RESTARTS`` times in ``RESTART_WINDOW_S``): the requests in flight get an error that says why it
+    died, /health is 503 ("restarting") meanwhile, and the Clients resume on the new child at their
+    next request (their link to the old one is dead, so they reopen at ``_reconnect()``)."""
+
+    RESTARTS, RESTART_WINDOW_S, MAX_BACKOFF_S = 5, 600.0, 30.0
 
     def __init__(self, config: ServeConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
         self.state, self.problem = "loading", "the models are loading"
+        self.closing = threading.Event()
+        self.restarts, self.last_death = 0, ""
         self.child, self.clients = None, []
         self.idle: list = []  # Clients free now (touched on the event loop only)
         self.waiters: deque[asyncio.Future] = deque()  # requests waiting for one, first come first served
@@ -117,13 +129,50 @@ class Backend:
                                                                    *self.config.verifier_args], wait=False)
 
     def _reconnect(self, endpoint: str) -> str:
-        """Where a Client reopens a lost session (reclaimed idle, a remote verifier restarted): the same
-        endpoint; not a child verifier that exited (the request fails now and /health says why)."""
-        if self.child is not None and self.child.exited():
-            from .transport import LinkError
+        """Where a Client reopens a lost session: a remote verifier's endpoint (it may have restarted
+        there), the verifier child's current one; while the child is dead or restarting, the request
+        fails now with why it died (and /health says it is restarting)."""
+        if self.child is None:
+            return endpoint
+        from .transport import LinkError
 
-            raise LinkError(f"the verifier exited (code {self.child.proc.returncode})")
-        return endpoint
+        if self.child.exited() or self.state != "ready":
+            raise LinkError(self.problem if self.state == "restarting" else self.child.death_report())
+        return self.child.endpoint
+
+    def _supervise(self) -> None:
+        """In its own thread for the server's life (a child dies with the thread that started it):
+        restart the verifier child each time it dies, with backoff and a limit per window."""
+        deaths: deque[float] = deque()
+        while not self.closing.is_set():
+            self.child.proc.wait()
+            if self.closing.is_set():
+                return
+            report, now = self.child.death_report(), time.monotonic()
+            deaths.append(now)
+            while deaths and now - deaths[0] > self.RESTART_WINDOW_S:
+                deaths.popleft()
+            self.last_death = report
+            if len(deaths) > self.RESTARTS:
+                self.state, self.problem = "failed", (f"the verifier died {len(deaths)} times in "
+                                                      f"{self.RESTART_WINDOW_S / 60:.0f} minutes: not restarting it "
+                                                      f"again; the last time: {report}")
+                log.error("%s", self.problem)
+                return
+            backoff = min(self.MAX_BACKOFF_S, 2.0 ** (len(deaths) - 1))
+            self.state, self.problem = "restarting", f"restarting the verifier in {backoff:.0f} s: {report}"
+            log.error("%s", self.problem)
+            if self.closing.wait(backoff):
+                return
+            try:
+                self.child.restart()
+            except RuntimeError as exc:  # it died before it listened: the loop sees it dead and waits longer
+                log.error("the verifier restart failed: %s", exc)
+                continue
+            self.restarts += 1
+            self.metrics.restarts.inc()
+            self.state, self.problem = "ready", ""
+            log.warning("the verifier is back at %s (restart %d)", self.child.endpoint, self.restarts)
 
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
@@ -143,7 +192,7 @@ class Backend:
                                            draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,
                                            curve_secret_key=cfg.curve_secret_key if cfg.verifier else None,
                                            curve_server_key=cfg.curve_server_key if cfg.verifier else None,
-                                           reconnect=lambda: self._reconnect(endpoint)))
+                                           reconnect=lambda: self._reconnect(cfg.verifier)))
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
@@ -160,11 +209,13 @@ class Backend:
         for c in self.clients:
             loop.call_soon_threadsafe(self.release, c)
         self.state, self.problem = "ready", ""
+        if self.child is not None:
+            threading.Thread(target=self._supervise, daemon=True, name="dovetail-supervisor").start()
 
     def check(self) -> None:
         """Raise ``Unavailable`` unless ready (and the verifier child alive)."""
         if self.state == "ready" and self.child is not None and self.child.proc.poll() is not None:
-            self.state, self.problem = "failed", f"the verifier process exited (code {self.child.proc.returncode})"
+            self.state, self.problem = "restarting", f"restarting the verifier: {self.child.death_report()}"
         if self.state != "ready":
             raise Unavailable(self.problem)
 
@@ -199,6 +250,7 @@ class Backend:
         self.idle.append(client)
 
     def close(self) -> None:
+        self.closing.set()
         for c in self.clients:
             try:
                 c.close()
@@ -379,7 +431,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             backend.check()
         except Unavailable as exc:
             return fail(503, str(exc), "unavailable_error")
-        return {"status": "ok"}
+        return {"status": "ok", "verifier": {"restarts": backend.restarts, "last_death": backend.last_death or None}}
 
     @app.get("/metrics")
     async def metrics_text():

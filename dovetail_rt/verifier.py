@@ -441,21 +441,36 @@ def curve_key(info: lm.ModelInfo) -> str:
     return info.weight_format if info.engine == "torch" else f"{info.engine}-{info.weight_format}"
 
 
-def load_verify_curve(home, model: str, dtype: str) -> dict | None:
-    """This machine's measured chain curve for the model and engine/format key (``curve_key``),
-    if `dovetail bench --verify-curve` ran."""
+def load_verify_curve(home, model: str, dtype: str, threads: int | None = None) -> tuple[dict | None, str]:
+    """This machine's measured chain curve for the model and engine/format key (``curve_key``) at
+    ``threads`` threads (None: any), if `dovetail models install` or `dovetail bench --verify-curve`
+    measured it here, and a start-up line that says which curve it is (or why there is none)."""
     import json
+
+    from .placement import machine_id
 
     path = home / "verify_curve.json"
     if not path.exists():
-        return None
+        return None, "none measured (drafts learn T_V online; `dovetail bench --verify-curve` measures it)"
     try:
         saved = json.loads(path.read_text())
+        if saved.get("machine_id") != machine_id():
+            return None, (f"none for this machine ({path} was measured on another CPU: {saved.get('cpu', 'unnamed')}): "
+                          "drafts learn T_V online; `dovetail bench --verify-curve` measures it here")
+        measured_threads = saved.get("threads", {}).get(dtype)
+        if threads and measured_threads and measured_threads != threads:
+            return None, (f"none for {threads} threads ({path} holds {dtype} at {measured_threads}): drafts learn T_V "
+                          "online; `dovetail bench --verify-curve` with these settings measures it")
         if saved.get("model") == model.split(":", 1)[0] and dtype in saved.get("curves", {}):
-            return {int(q): float(t) for q, t in saved["curves"][dtype]["chain"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+            curve = {int(q): float(t) for q, t in saved["curves"][dtype]["chain"].items()}
+            when = saved.get("measured", {}).get(dtype, "")
+            return curve, (f"measured here{' ' + when if when else ''} for {dtype}"
+                           f"{f' at {measured_threads} threads' if measured_threads else ''}: T_V(q) at q="
+                           f"{','.join(map(str, sorted(curve)))}, T_V(1) {1000 * curve.get(1, 0):.1f} ms, "
+                           f"T_V(8)/T_V(1) {curve.get(8, 0) / curve.get(1, 1):.2f}" if 1 in curve else "")
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         log.warning("ignoring unreadable verification curve %s", path)
-    return None
+    return None, f"none for {model} ({dtype}) in {path}: drafts learn T_V online"
 
 
 def memory_report() -> str:

@@ -15,6 +15,9 @@ from .config import VerifierConfig
 
 def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None = None,
         exit_with_parent: bool = False) -> int:
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code prints where Python was (the launcher shows the last lines)
     placement.apply(where)  # before torch or llama.cpp load: OpenMP reads its environment then
     if exit_with_parent:
         die_with_parent()
@@ -32,15 +35,16 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     info = target.info
     if info.engine != "torch":  # torch only samples here: keep its thread pool from spinning against llama.cpp's
         torch.set_num_threads(1)
-    curve = load_verify_curve(config.home, config.model, curve_key(info))
+    curve, curve_line = load_verify_curve(config.home, config.model, curve_key(info), where.threads)
     verifier = Verifier(target, config, verify_curve=curve)
     sock, endpoint, auth = open_socket(config)
     link = config.link
     print(f"dovetail verifier: {config.model} loaded in {time.perf_counter() - t0:.1f} s\n"
           f"  engine:    {info.engine}, weights {info.weight_format}, {info.path}\n"
-          f"  placement: {where.describe()} ({where.threads} threads)\n"
+          + (f"  kernels:   {info.kernels}\n" if info.kernels else "")
+          + f"  placement: {where.describe()} ({where.threads} threads)\n"
           f"  memory:    {memory_report()}{kv_report(target)}\n"
-          f"  curve:     {'measured T_V(q) for q=' + ','.join(map(str, sorted(curve))) if curve else 'none (drafts learn T_V online; run `dovetail bench --verify-curve`)'}\n"
+          f"  curve:     {curve_line}\n"
           f"  listening: {endpoint}"
           + (f" (CURVE: keys from {Path(link.authorized_keys)} only)" if link.curve else
              "" if link.loopback else " (INSECURE: no keys, anyone who reaches it drives the target)"),

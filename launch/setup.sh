@@ -20,11 +20,58 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# llama-cpp-python (the CPU engine) is pinned and builds from source where no wheel fits: ~6 min on
-# 2 cores, once (pip keeps the built wheel). Native CPU flags: the verifier runs on this machine's CPU.
-if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  echo "building llama-cpp-python 0.3.36 with native CPU flags (about 6 minutes on 2 cores, once) ..."
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF}" "${PIP[@]}" "llama-cpp-python==0.3.36"
+# llama-cpp-python (the CPU engine) is pinned and built from source for THIS CPU: ~6 min on 2 cores, once per
+# CPU. Builds are kept in our own cache, one folder per CPU (model name + flags + CMAKE_ARGS), never in pip's
+# wheel cache: pip would hand a -march=native build to a later install on another CPU (illegal instruction).
+# Where the CPU has AMX, the native build (AMX kernels on) must pass the kernel probe (multi-token decodes
+# through every weight type, in a child process); if it crashes or disagrees, the build is redone with the
+# CPU's own flags spelled out and AMX off (llama.cpp's AMX kernel dies on some KVM guests, DESIGN.md §8).
+"${PIP[@]}" "numpy>=1.24" "gguf>=0.10"
+LLAMA_VERSION=0.3.36
+cpu_flags() { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs -n1 | sort | xargs; }
+has_flag() { [[ " $(cpu_flags) " == *" $1 "* ]]; }
+CPU_KEY=$( { grep -m1 'model name' /proc/cpuinfo 2>/dev/null; cpu_flags; echo "${CMAKE_ARGS:-}"; uname -m; } | sha256sum | cut -c1-16)
+WHEELS="${DOVETAIL_CACHE:-$HOME/.cache/dovetail}/wheels/llama-cpp-python-$LLAMA_VERSION-$CPU_KEY"
+MARK="$VENV/.llama-cpp-build"
+explicit_flags() {  # the CPU's own instruction sets as ggml options, AMX off
+  local args="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" f o
+  for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+           avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    o=${f#*:}; f=${f%%:*}
+    if has_flag "$f"; then args+=" -DGGML_$o=ON"; else args+=" -DGGML_$o=OFF"; fi
+  done
+  echo "$args"
+}
+build_llama() {  # build_llama VARIANT CMAKE_ARGS: a wheel in $WHEELS/VARIANT, installed into the venv
+  local variant=$1 args=$2
+  if ! ls "$WHEELS/$variant"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python $LLAMA_VERSION for this CPU ($variant: $args; about 6 minutes on 2 cores, once) ..."
+    mkdir -p "$WHEELS/$variant.tmp"
+    CMAKE_ARGS="$args" "$VENV/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+      -w "$WHEELS/$variant.tmp" "llama-cpp-python==$LLAMA_VERSION"
+    rm -rf "$WHEELS/$variant" && mv "$WHEELS/$variant.tmp" "$WHEELS/$variant"
+  fi
+  "${PIP[@]}" --no-deps --force-reinstall "$WHEELS/$variant"/llama_cpp_python-*.whl
+  "${PIP[@]}" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"  # its own dependencies
+  echo "$CPU_KEY $variant" > "$MARK"
+}
+if [[ "$(cat "$MARK" 2>/dev/null)" != "$CPU_KEY "* ]] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  if [[ -n "${CMAKE_ARGS:-}" ]]; then
+    build_llama custom "$CMAKE_ARGS"
+    echo "llama-cpp-python: built with your CMAKE_ARGS"
+  elif has_flag amx_int8 || has_flag amx_tile; then
+    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
+    if "$VENV/bin/python" -m dovetail_rt.kernels probe --build-check; then
+      echo "llama-cpp-python: native build, AMX kernels ON (the kernel probe passed on this CPU)"
+    else
+      echo "llama-cpp-python: the AMX build failed the kernel probe on this CPU: rebuilding with AMX off"
+      build_llama no-amx "$(explicit_flags)"
+      echo "llama-cpp-python: built with this CPU's flags, AMX kernels OFF"
+    fi
+  else
+    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
+    echo "llama-cpp-python: native build (this CPU has no AMX)"
+  fi
 fi
 "${PIP[@]}" -e ".${EXTRA}"
 if [[ -n "$EXTRA" ]]; then

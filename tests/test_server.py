@@ -336,7 +336,9 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, target, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_a_verifier_that_dies_mid_stream_ends_the_stream_with_an_error_and_health_turns_503(model_dir):
+def test_a_verifier_that_dies_mid_stream_errs_that_stream_then_is_restarted_and_serves_again(model_dir, target):
+    """The stream in flight ends with an error that says how the verifier died; /health is 503 while
+    it restarts, then 200 with the restart counted; the next request gets the target's greedy output."""
     import http.client
 
     import psutil
@@ -355,9 +357,19 @@ def test_a_verifier_that_dies_mid_stream_ends_the_stream_with_an_error_and_healt
         events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         error = json.loads(events[-2].removeprefix("data: "))["error"]
-        assert error["type"] == "server_error" and "verifier" in error["message"]
+        assert error["type"] == "server_error" and "SIGKILL" in error["message"], error
         status, body = get(s.url + "/health")
-        assert status == 503 and "verifier" in body["error"]["message"]
+        assert status == 503 and "restarting the verifier" in body["error"]["message"], body
+        deadline = time.monotonic() + 90
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, body = get(s.url + "/health")
+        assert status == 200 and body["verifier"]["restarts"] == 1 and "SIGKILL" in body["verifier"]["last_death"]
+        prompt = "w5 w6 w7"
+        want, _ = expected_text(target, tiny_tokenizer()(prompt, add_special_tokens=False)["input_ids"], 12)
+        status, _, text = post(s.url + "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0},
+                               key=None)
+        assert status == 200 and json.loads(text)["choices"][0]["text"] == want
     finally:
         s.stop()
 

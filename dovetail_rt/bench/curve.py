@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .. import lm
 
 DEFAULT_QS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+QUICK_QS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # `dovetail models install`: chains only, in about a minute
 
 
 def binary_tree(q: int) -> list[int]:
@@ -21,7 +22,7 @@ def binary_tree(q: int) -> list[int]:
     return [-1] + [(i - 1) // 2 for i in range(1, q)]
 
 
-def measure(target: lm.LM, qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> dict:
+def measure(target: lm.LM, qs=DEFAULT_QS, context: int = 300, reps: int = 3, shapes=("chain", "tree")) -> dict:
     """{"chain": {q: seconds}, "tree": {q: seconds}} (median of ``reps`` after one warm-up)."""
     import torch
 
@@ -32,7 +33,7 @@ def measure(target: lm.LM, qs=DEFAULT_QS, context: int = 300, reps: int = 3) -> 
     state.forward(ctx, logits_for=0)
     state.keep(list(range(context)))
     out = {"chain": {}, "tree": {}}
-    jobs = [(shape, q) for q in qs for shape in ("chain", "tree") if not (shape == "tree" and q < 3)]
+    jobs = [(shape, q) for q in qs for shape in shapes if not (shape == "tree" and q < 3)]
     for shape, q in tqdm(jobs, desc=f"verify curve {target.info.engine} {target.info.weight_format}", unit="point"):
         parents = list(range(-1, q - 1)) if shape == "chain" else binary_tree(q)
         tokens = torch.randint(100, vocab - 100, (q,), generator=gen).tolist()
@@ -66,13 +67,41 @@ def run(model_spec: str, home: Path, engines: list[str], dtypes: list[str], qs=D
         reps: int = 3, threads: int | None = None) -> dict:
     from ..verifier import curve_key
 
-    result = {"model": store_base(model_spec), "context": context, "reps": reps, "curves": {}, "files": {}}
+    result = {"model": store_base(model_spec), "context": context, "reps": reps, "curves": {}, "files": {},
+              "threads": {}}
     for engine, spec, options in variants(model_spec, home, engines, dtypes):
         target = lm.open_lm(spec, home, engine, threads=threads, **options)
         key = curve_key(target.info)
         result["curves"][key] = measure(target, qs, context, reps)
         result["files"][key] = target.info.path
+        result["threads"][key] = threads_of(target)
         target.close()
+    return result
+
+
+def threads_of(target: lm.LM) -> int:
+    """The threads a target's forwards ran on (a curve holds for that many only)."""
+    import torch
+
+    return int(getattr(target, "threads", 0) or torch.get_num_threads())
+
+
+def measure_installed(model_spec: str, home: Path, threads: int | None = None) -> dict:
+    """The installed target's chain curve on the engine its verifier will run (about a minute, with a
+    progress bar), saved for the verifier to load at start: the first generations then draft with a
+    measured T_V instead of learning it. `dovetail bench --verify-curve` stays the full measurement."""
+    from ..verifier import curve_key
+
+    target = lm.open_lm(model_spec, home, "auto", threads=threads)
+    try:
+        key = curve_key(target.info)
+        result = {"model": store_base(model_spec), "context": 300, "reps": 2, "files": {key: target.info.path},
+                  "curves": {key: measure(target, QUICK_QS, 300, 2, shapes=("chain",))},
+                  "threads": {key: threads_of(target)},
+                  "command": "dovetail models install (quick chain curve)"}
+    finally:
+        target.close()
+    save_for_drafts(result, home)
     return result
 
 
@@ -113,8 +142,16 @@ def save_for_drafts(result: dict, home: Path) -> Path:
             saved = json.loads(path.read_text())
         except ValueError:
             saved = {}
-    if saved.get("model") == result["model"]:  # keep the other engines' and formats' curves
-        result = {**result, "curves": {**saved.get("curves", {}), **result["curves"]}}
+    from ..placement import cpu_identity, machine_id
+
+    here = {"machine_id": machine_id(), "cpu": cpu_identity().split(" | ")[1]}
+    if saved.get("model") == result["model"] and saved.get("machine_id") == here["machine_id"]:
+        result = {**result, "curves": {**saved.get("curves", {}), **result["curves"]},  # keep the others' curves
+                  "files": {**saved.get("files", {}), **result.get("files", {})}}
+    same = saved.get("model") == result["model"] and saved.get("machine_id") == here["machine_id"]
+    measured = {key: time.strftime("%Y-%m-%d %H:%M") for key in result["curves"]}
+    result = {**result, **here, "measured": {**saved.get("measured", {}), **measured} if same else measured,
+              "threads": {**saved.get("threads", {}), **result.get("threads", {})} if same else result.get("threads", {})}
     path.write_text(json.dumps(result, indent=1))
     return path
 
