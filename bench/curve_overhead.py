@@ -12,6 +12,7 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -28,7 +29,7 @@ def main() -> int:
     from dovetail_rt import Client, data, store
     from dovetail_rt.bench import report
     from dovetail_rt.client import encode_prompt
-    from dovetail_rt.config import dovetail_home
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig, VerifierConfig, dovetail_home
     from dovetail_rt.launcher import VerifierChild
 
     model = args.model or store.DEFAULT_TARGET
@@ -40,8 +41,10 @@ def main() -> int:
         authorized = Path(keys) / "authorized"
         authorized.mkdir()
         (authorized / "draft.key").write_text((Path(keys) / "draft.key").read_text())
-        curve_args = ["--curve-secret-key", f"{keys}/verifier.key_secret", "--authorized-keys", str(authorized)]
-        with VerifierChild(model, "auto", []) as plain, VerifierChild(model, "auto", curve_args) as keyed:
+        keyed_link = LinkConfig(endpoint=CHILD_ENDPOINT, curve_secret_key=f"{keys}/verifier.key_secret",
+                                authorized_keys=str(authorized))
+        plain_cfg = VerifierConfig(model=model, home=dovetail_home(), link=LinkConfig(endpoint=CHILD_ENDPOINT))
+        with VerifierChild(plain_cfg) as plain, VerifierChild(replace(plain_cfg, link=keyed_link)) as keyed:
             clients = {"plain": Client(verifier=plain.endpoint, draft=None, tokenizer=tokenizer),
                        "curve": Client(verifier=keyed.endpoint, draft=None, tokenizer=tokenizer,
                                        curve_secret_key=f"{keys}/draft.key_secret",

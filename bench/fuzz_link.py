@@ -138,7 +138,7 @@ def main() -> int:
 
     from dovetail_rt import Client, protocol, store
     from dovetail_rt.bench import report
-    from dovetail_rt.config import dovetail_home
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig, PlacementConfig, VerifierConfig, dovetail_home
     from dovetail_rt.launcher import VerifierChild
 
     import tempfile
@@ -153,8 +153,9 @@ def main() -> int:
         prompt = tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
         engine, dtype, vocab = "auto", "auto", 1000
     counts = {"sent": 0, "answered": 0, "hangs": 0, "internal": 0, "codes": {}}
-    with VerifierChild(args.model, dtype, ["--max-sessions", str(4 * args.peers + 4), "--idle-timeout", "5",
-                                           "--engine", engine, *(["-t", "1"] if args.tiny else [])]) as child:
+    config = VerifierConfig(model=args.model, home=dovetail_home(), engine=engine, dtype=dtype,
+                            max_sessions=4 * args.peers + 4, idle_timeout_s=5, link=LinkConfig(endpoint=CHILD_ENDPOINT))
+    with VerifierChild(config, PlacementConfig(threads=1 if args.tiny else None)) as child:
         rss = lambda: psutil.Process(child.proc.pid).memory_info().rss
         good = Client(verifier=child.endpoint, draft=None, tokenizer=tokenizer, timeout_s=args.timeout)
         expected = good.generate(prompt, 24).token_ids

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from dovetail_rt import data, ngram, store
 from dovetail_rt.client import Client, encode_prompt
-from dovetail_rt.config import DraftConfig, dovetail_home
+from dovetail_rt.config import CHILD_ENDPOINT, DraftConfig, LinkConfig, VerifierConfig, dovetail_home
 from dovetail_rt.launcher import VerifierChild
 
 
@@ -45,7 +45,8 @@ def main(specs: list[str]) -> None:
     home = dovetail_home()
     tokenizer = store.load_tokenizer(store.DEFAULT_TARGET, home)
     config = DraftConfig(draft_max=16, tree_top_k=1, adaptive=False)
-    with VerifierChild(store.DEFAULT_TARGET, "auto", ["--engine", "llamacpp"]) as child:
+    target = VerifierConfig(model=store.DEFAULT_TARGET, home=home, engine="llamacpp", link=LinkConfig(endpoint=CHILD_ENDPOINT))
+    with VerifierChild(target) as child:
         with Client(verifier=child.endpoint, draft=ngram.Lookup(), tokenizer=tokenizer, draft_config=config) as client:
             client.drafter = drafter = Measured(ngram.Lookup(), config)
             for spec in specs:

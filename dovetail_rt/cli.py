@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import ENGINE_CHOICES, DraftConfig, LinkConfig, VerifierConfig, dovetail_home
+from .config import (CHILD_ENDPOINT, ENGINE_CHOICES, DraftConfig, LinkConfig, PlacementConfig, ServeConfig, VerifierConfig,
+                     dovetail_home)
 
 log = logging.getLogger("dovetail")
 
@@ -48,9 +49,9 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
                         "float32 (the llama.cpp engine runs the file's own weight format)")
     g.add_argument("-c", "--ctx-size", type=int, default=VerifierConfig.n_ctx,
                    help=f"llamacpp engine: KV cache tokens per session, prompt + output (default {VerifierConfig.n_ctx})")
-    g.add_argument("--max-sessions", type=int, default=VerifierConfig.max_sessions,
+    g.add_argument("--max-sessions", type=int, default=None,
                    help="draft sessions served at once; past it a new one is refused as busy, with when to retry "
-                        f"(default {VerifierConfig.max_sessions})")
+                        f"(default {VerifierConfig.max_sessions}; serve: --parallel + 1)")
     g.add_argument("--max-sessions-per-peer", type=int, default=VerifierConfig.max_sessions_per_peer,
                    help="sessions one peer may hold: one connection, or with keys one authorized draft host however "
                         f"many connections it opens (default {VerifierConfig.max_sessions_per_peer}; a `serve --verifier` "
@@ -61,6 +62,8 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
     g.add_argument("--prefill-chunk", type=int, default=VerifierConfig.prefill_chunk, metavar="TOKENS",
                    help="prompt tokens per verifier pass, run in the same forward as other sessions' steps: a long "
                         f"prompt stalls them at most one such pass (default {VerifierConfig.prefill_chunk})")
+    g.add_argument("--max-draft-tokens", type=int, default=VerifierConfig.max_draft_tokens, metavar="TOKENS",
+                   help=f"most draft tokens one VERIFY may carry (default {VerifierConfig.max_draft_tokens})")
     g.add_argument("--kv-budget", type=int, default=0, metavar="TOKENS",
                    help="llamacpp engine: KV cache tokens all sessions share, allocated at start (default: --ctx-size x "
                         "--max-sessions, at most a quarter of the free memory); past it a step is refused with kv_full")
@@ -118,6 +121,57 @@ def add_key_options(p: argparse.ArgumentParser) -> None:
     k = p.add_argument_group("keys (for a verifier that listens with keys: `dovetail keys generate`)")
     k.add_argument("--curve-secret-key", default=None, help="this host's secret key file (NAME.key_secret)")
     k.add_argument("--curve-server-key", default=None, help="the verifier's public key file (NAME.key)")
+
+
+# ---- configs: the one place the verifier's options become a config, and a config becomes argv again ----
+def verifier_config(args, link: LinkConfig, max_sessions: int = VerifierConfig.max_sessions) -> VerifierConfig:
+    """The target options of `verifier`, `run` and `serve` as one config; ``max_sessions`` when the
+    user gave none."""
+    return VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
+                          n_ctx=args.ctx_size, max_sessions=max_sessions if args.max_sessions is None else args.max_sessions,
+                          max_sessions_per_peer=args.max_sessions_per_peer, idle_timeout_s=args.idle_timeout,
+                          prefill_chunk=args.prefill_chunk, kv_budget=args.kv_budget,
+                          max_draft_tokens=args.max_draft_tokens, link=link)
+
+
+def placement_config(args) -> PlacementConfig:
+    return PlacementConfig(threads=args.threads, cpus=args.cpus, numa_node=args.numa_node)
+
+
+def verifier_argv(config: VerifierConfig, where: PlacementConfig) -> list[str]:
+    """The `dovetail verifier` options that rebuild ``config`` and ``where`` in a child process: the
+    inverse of ``verifier_config`` (tests/test_cli.py sends every option through `run` and `serve` and
+    reads it back from the child). ``config.home`` travels as $DOVETAIL_HOME (``launcher``)."""
+    link = config.link
+    if (link.timeout_s, link.max_message_bytes) != (LinkConfig.timeout_s, LinkConfig.max_message_bytes):
+        raise ValueError("a verifier child takes the link's default timeout and message size (no options for them)")
+    argv = ["-m", config.model, "--engine", config.engine, "--dtype", config.dtype, "-c", str(config.n_ctx),
+            "--max-sessions", str(config.max_sessions), "--max-sessions-per-peer", str(config.max_sessions_per_peer),
+            "--idle-timeout", repr(config.idle_timeout_s), "--prefill-chunk", str(config.prefill_chunk),
+            "--kv-budget", str(config.kv_budget), "--max-draft-tokens", str(config.max_draft_tokens),
+            "--listen", link.endpoint]
+    for flag, value in (("--curve-secret-key", link.curve_secret_key), ("--authorized-keys", link.authorized_keys),
+                        ("-t", where.threads), ("--cpus", where.cpus), ("--numa-node", where.numa_node)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if link.insecure:
+        argv.append("--insecure")
+    if logging.getLogger().isEnabledFor(logging.DEBUG):  # `-v` here: the child's log too
+        argv.append("-v")
+    return argv
+
+
+def serve_config(args) -> ServeConfig:
+    from .client import resolve_device
+
+    child = None if args.verifier else verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT),
+                                                       max_sessions=args.parallel + 1)
+    return ServeConfig(model=args.model, draft=args.model_draft, home=dovetail_home(), verifier=args.verifier,
+                       child=child, placement=placement_config(args), host=args.host, port=args.port,
+                       parallel=args.parallel, queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
+                       draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
+                       device=resolve_device(args.device_draft), timeout_s=args.timeout,
+                       curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key)
 
 
 def draft_config(args) -> DraftConfig:
@@ -284,13 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_verifier(args) -> int:
     from . import placement, verifier_main
 
-    config = VerifierConfig(model=args.model, home=dovetail_home(), engine=args.engine, dtype=args.dtype,
-                            n_ctx=args.ctx_size, max_sessions=args.max_sessions, kv_budget=args.kv_budget, prefill_chunk=args.prefill_chunk,
-                            max_sessions_per_peer=args.max_sessions_per_peer, idle_timeout_s=args.idle_timeout,
-                            link=LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
-                                            authorized_keys=args.authorized_keys, insecure=args.insecure))
-    cpus = placement.parse_cpulist(args.cpus) if args.cpus else None
-    where = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0)), args.numa_node, cpus, args.threads)
+    config = verifier_config(args, LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
+                                              authorized_keys=args.authorized_keys, insecure=args.insecure))
+    wanted = placement_config(args)
+    cpus = placement.parse_cpulist(wanted.cpus) if wanted.cpus else None
+    where = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0)), wanted.numa_node, cpus,
+                             wanted.threads)
     return verifier_main.run(config, where, args.ready_fd, args.exit_with_parent)
 
 
@@ -337,12 +390,12 @@ def cmd_generate(args, endpoint: str | None = None, reconnect=None) -> int:
     return 0
 
 
-def stats_block(st, target: dict) -> str:
+def stats_block(st, target) -> str:
     steps = max(st.n_steps, 1)
     t = st.timings
     return "\n".join([
         "",
-        f"target: {target.get('model')} ({target.get('engine', 'torch')} engine, {target.get('dtype')})",
+        f"target: {target.model} ({target.engine} engine, {target.dtype})",
         f"n_prompt  = {st.n_prompt}   prefill = {t.prefill_s:.3f} s (time to first token)",
         f"n_predict = {st.n_generated}   in {st.seconds:.3f} s   {st.tok_per_s:.2f} tok/s",
         f"n_drafted = {st.n_drafted}",
@@ -366,11 +419,8 @@ def cmd_run(args) -> int:
 
     if model_part(args.model_draft):
         store.resolve(model_part(args.model_draft), dovetail_home())
-    extra = ["--max-sessions", str(args.max_sessions), "--engine", args.engine, "--ctx-size", str(args.ctx_size)]
-    for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
-        if value is not None:
-            extra += [flag, str(value)]
-    with VerifierChild(args.model, args.dtype, extra) as child:
+    config = verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT))
+    with VerifierChild(config, placement_config(args)) as child:
         deaths: list[int] = []  # the exit codes of the children that died
 
         def reconnect() -> str:  # a lost session: the same child if it lives, else a new one, once
@@ -396,8 +446,6 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from . import server
-    from .client import resolve_device
-    from .config import ServeConfig
     from .drafter import model_part
 
     home = dovetail_home()
@@ -405,17 +453,7 @@ def cmd_serve(args) -> int:
         store.resolve(args.model, home)  # a clear error before anything starts
     if args.model_draft and model_part(args.model_draft):
         store.resolve(model_part(args.model_draft), home)
-    extra = ["--engine", args.engine, "--ctx-size", str(args.ctx_size), "--dtype", args.dtype]
-    for flag, value in (("-t", args.threads), ("--cpus", args.cpus), ("--numa-node", args.numa_node)):
-        if value is not None:
-            extra += [flag, str(value)]
-    config = ServeConfig(model=args.model, draft=args.model_draft, home=home, verifier=args.verifier,
-                         verifier_args=tuple(extra), host=args.host, port=args.port, parallel=args.parallel,
-                         queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
-                         draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
-                         device=resolve_device(args.device_draft), timeout_s=args.timeout,
-                         curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key)
-    return server.run(config)
+    return server.run(serve_config(args))
 
 
 def cmd_bench(args) -> int:
@@ -448,12 +486,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_verify_curve(args) -> int:
+    from . import placement
     from .bench import curve
 
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    threads = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0))).threads  # the verifier's default
     return curve.main(args.model, dovetail_home(), ["llamacpp", "torch"] if engines == ["auto"] else engines,
                       [d.strip() for d in args.curve_dtypes.split(",")], Path(args.out), not args.no_plots,
-                      args.command_line)
+                      args.command_line, threads)
 
 
 def cmd_train_head(args) -> int:

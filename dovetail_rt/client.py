@@ -142,10 +142,10 @@ class Client:
         self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()
-            self.drafter = make_drafter(model, draft_config, self.target.get("verify_curve"))
+            self.drafter = make_drafter(model, draft_config, self.target.verify_curve)
             self.drafter_config = draft_config
             if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
-                self.tokenizer = _local_tokenizer(str(self.target.get("model")), home or dovetail_home())
+                self.tokenizer = _local_tokenizer(self.target.model, home or dovetail_home())
             missing = self._missing_capability(draft_config)
             if missing:
                 raise VerifierError("unsupported", missing)
@@ -159,6 +159,8 @@ class Client:
                                     curve=(self.link.curve_secret_key, self.link.curve_server_key) if self.link.curve else None)
 
     def _request(self, msg: Message) -> Message:
+        if self.conn is None:  # dropped when it could not be reopened: the next request resumes first
+            raise transport.LinkLost("the link to the verifier was lost and is not open yet")
         reply = self.conn.request(msg)
         if reply.type == MsgType.ERROR:
             retry = reply.fields.get("retry_after")
@@ -175,13 +177,21 @@ class Client:
         # link: the verifier may be only slow (END the old session, else it holds it until idle), or gone
         # (``reconnect()`` says where it is now, e.g. a restarted child)
         link_lost = isinstance(why, transport.LinkLost)
-        if link_lost and self.session is not None:
+        if link_lost and self.session is not None and self.conn is not None:
             try:
                 self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=1.0)
             except transport.LinkError:
                 pass
-        endpoint = self._reconnect() if link_lost and self._reconnect else self.conn.endpoint
-        self.conn.close()
+        old = self.conn
+        try:
+            endpoint = self._reconnect() if link_lost and self._reconnect else (old.endpoint if old else self.link.endpoint)
+        except transport.LinkError as exc:  # nowhere to go now (a dead child restarting): this request fails,
+            if old is not None:             # the next one reopens at reconnect()'s endpoint first
+                old.close()
+            self.conn, self.session = None, None
+            raise transport.LinkError(f"the verifier session was lost ({why}) and could not be resumed: {exc}") from exc
+        if old is not None:
+            old.close()
         self.conn, self.session = self._connect(endpoint), None  # a new connection: the old one's sessions are gone
         try:
             self._hello()
@@ -199,35 +209,44 @@ class Client:
 
     def _missing_capability(self, config: DraftConfig) -> str | None:
         """Why this draft cannot work with the verifier's engine (WELCOME says what it can do)."""
-        engine = self.target.get("engine", "torch")
-        if self.drafter.wants_features and not self.target.get("features", True):
+        engine = self.target.engine
+        if self.drafter.wants_features and not self.target.features:
             return (f"this draft head needs the target's features, and the verifier's {engine} engine gives none: "
                     "start the verifier with --engine torch, or draft with a small LM (-md)")
-        if config.is_tree and not self.target.get("trees", True):
+        if config.is_tree and not self.target.trees:
             return f"the verifier's {engine} engine verifies chains only: drop --tree-top-k or use --engine torch"
         return None
 
-    def _hello(self) -> dict:
+    def _hello(self) -> protocol.Welcome:
         vocab = store.vocab_strings(self.tokenizer)
         reply = self._request(Message(MsgType.HELLO, fields={"vocab": vocab}))
         if reply.type != MsgType.WELCOME:
             raise transport.LinkError(f"expected WELCOME from the verifier, got {reply.type.name}")
-        self.session = reply.fields["session"]
-        log.info("session %d with target %s (%s engine, %s)", self.session, reply.fields.get("model"),
-                 reply.fields.get("engine", "torch"), reply.fields.get("dtype"))
-        return reply.fields
+        try:
+            welcome = protocol.Welcome.decode(reply)
+        except protocol.ProtocolError as exc:
+            raise transport.LinkError(f"unusable WELCOME from {self.conn.endpoint}: {exc}") from exc
+        self.session = welcome.session
+        log.info("session %d with target %s (%s engine, %s)", self.session, welcome.model, welcome.engine, welcome.dtype)
+        return welcome
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens one generation may hold, prompt + output (the verifier's and the draft's limit)."""
+        return self.target.context_limit(self.drafter.max_positions)
 
     def close(self) -> None:
         if self.drafter is not None:
             self.drafter.close()  # frees a draft state (a llama.cpp context); the draft model stays the caller's
             self.drafter = None
-        if self.session is not None:
+        if self.session is not None and self.conn is not None:
             try:
                 self.conn.request(Message(MsgType.END, fields={"session": self.session}), timeout_s=2.0)
             except transport.LinkError:
                 pass
-            self.session = None
-        self.conn.close()
+        self.session = None
+        if self.conn is not None:
+            self.conn.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -284,7 +303,7 @@ class Client:
             raise ValueError("input_ids is empty: give at least one prompt token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        limit = min(int(self.target.get("max_positions", 1 << 30)), self.drafter.max_positions)
+        limit = self.context_limit
         if len(input_ids) >= limit:
             raise ValueError(f"the prompt has {len(input_ids)} tokens and the context holds {limit} (the verifier's "
                              "--ctx-size, or the draft's): shorten the prompt or start the verifier with a larger -c")
@@ -299,7 +318,7 @@ class Client:
 
     def _steps(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
                generation: int, max_draft: int) -> Iterator[list[int]]:
-        eos = set(self.target.get("eos", [])) if stop_at_eos else set()
+        eos = set(self.target.eos) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
         start = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "seed": seed,

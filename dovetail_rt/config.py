@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # per message; features of a long prompt fit easily
@@ -16,6 +16,7 @@ def dovetail_home(env: dict | None = None) -> Path:
 
 
 LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost", "tcp://[::1]", "ipc://", "inproc://")
+CHILD_ENDPOINT = "tcp://127.0.0.1:0"  # a verifier child (run, serve, bench) listens on a free loopback port
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,29 @@ class VerifierConfig:
         if self.kv_budget and self.kv_budget < self.n_ctx:
             raise ValueError(f"--kv-budget {self.kv_budget} is less than one session's --ctx-size {self.n_ctx}")
         if self.max_draft_tokens < 1:
-            raise ValueError("max_draft_tokens must be >= 1")
+            raise ValueError("--max-draft-tokens must be >= 1")
+
+    def as_dict(self) -> dict:
+        """Every field as JSON (the child reports the config it runs, so a parent can check it)."""
+        return {**asdict(self), "home": str(self.home)}
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where a verifier is asked to run; ``placement.choose`` resolves it in the verifier's own process
+    (it reads that host's NUMA topology and the CPUs it may use)."""
+
+    threads: int | None = None  # None: one per physical core of the node
+    cpus: str | None = None  # a CPU list, e.g. "0-7,16-23"; None: the node's cores
+    numa_node: int | None = None  # None: the node with the most usable cores
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.cpus is not None:
+            from .placement import parse_cpulist
+
+            parse_cpulist(self.cpus)  # a malformed list fails here, in the parent, with its message
 
 
 @dataclass(frozen=True)
@@ -152,11 +175,12 @@ class ServeConfig:
     """`dovetail serve`: an OpenAI-compatible HTTP server in front of a verifier (its own child, or a
     remote one), the draft loaded once and shared by every request."""
 
-    model: str  # the target: the verifier child's model, and the model id clients name
+    model: str  # the model id clients name (with a child: its target)
     draft: str | None  # a draft spec for open_draft (None: the target alone)
     home: Path
-    verifier: str | None = None  # a running verifier's endpoint; None: start one as a child process
-    verifier_args: tuple[str, ...] = ()  # extra `dovetail verifier` options for the child (--engine, -t, ...)
+    verifier: str | None = None  # a running verifier's endpoint; None: start the ``child`` verifier
+    child: VerifierConfig | None = None  # the verifier child's config (when ``verifier`` is None)
+    placement: PlacementConfig = PlacementConfig()  # where the child runs
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 4  # requests generating at once (one verifier session each)
@@ -179,3 +203,8 @@ class ServeConfig:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key is empty")
+        if (self.verifier is None) == (self.child is None):
+            raise ValueError("serve needs either a running verifier's endpoint or a child verifier's config")
+        if self.child is not None and self.child.max_sessions < self.parallel + 1:
+            raise ValueError(f"--max-sessions {self.child.max_sessions} is below --parallel + 1 = {self.parallel + 1}: "
+                             "each running request holds a verifier session, and a resuming one briefly holds two")

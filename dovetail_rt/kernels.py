@@ -155,7 +155,7 @@ def _keep(path: Path, found: Verdict) -> None:
     """Write the verdict atomically; a read-only or full disk only means probing again next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes probing at once never share one
         from .placement import cpu_identity
 
         tmp.write_text(json.dumps({"config": found.config.name, "failed": found.failed, "cpu": cpu_identity(),
@@ -182,7 +182,9 @@ def probe(config: KernelConfig, timeout_s: float = 300.0) -> tuple[bool, str]:
     if done.returncode == 0:
         return True, ""
     if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
+        from .launcher import signal_name
+
+        name = signal_name(-done.returncode)
         return False, f"killed by {name} ({last.removeprefix('running ')})"
     tail = (done.stderr.strip().splitlines() or [""])[-1]
     return False, f"{last} (exit {done.returncode}{': ' + tail if tail and 'mismatch' not in last else ''})"

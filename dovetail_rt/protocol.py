@@ -186,3 +186,58 @@ def error(seq: int, code: str, text: str, session: int | None = None, **extra) -
     if session is not None:
         fields["session"] = session
     return Message(MsgType.ERROR, seq, fields)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """WELCOME's fields, typed: built by the verifier, decoded once by the client. What the draft side
+    knows of the target: its model, sizes and EOS ids, its engine's capabilities, the limits per
+    session and per VERIFY, and the verification curve measured on the verifier's machine."""
+
+    session: int
+    model: str
+    engine: str  # "torch" or "llamacpp"
+    dtype: str  # the target's weight format ("float32", "Q4_K_M", ...)
+    vocab_size: int
+    hidden_size: int
+    eos: tuple[int, ...]
+    max_positions: int  # the most tokens one session holds (prompt + output)
+    max_draft_tokens: int  # per VERIFY
+    trees: bool = True  # the engine verifies trees, not only chains
+    features: bool = True  # the engine returns last-layer hidden states (a draft head needs them)
+    verify_curve: dict = field(default_factory=dict)  # {q: seconds}: T_V measured there ({} if none)
+
+    def message(self) -> Message:
+        return Message(MsgType.WELCOME, fields={
+            "session": self.session, "model": self.model, "engine": self.engine, "dtype": self.dtype,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "eos": list(self.eos),
+            "max_positions": self.max_positions, "max_draft_tokens": self.max_draft_tokens, "trees": self.trees,
+            "features": self.features, "verify_curve": {str(q): t for q, t in self.verify_curve.items()}})
+
+    @classmethod
+    def decode(cls, msg: Message) -> "Welcome":
+        """The typed WELCOME, or a ProtocolError that names the field that is missing or wrong."""
+        f = msg.fields
+        for key, kind in (("model", str), ("engine", str), ("dtype", str), ("trees", bool), ("features", bool)):
+            if not isinstance(f.get(key), kind):
+                raise ProtocolError(f"WELCOME field '{key}' must be a {kind.__name__}, got {f.get(key)!r}")
+        curve = f.get("verify_curve", {})
+        if not isinstance(curve, dict) or not all(isinstance(t, (int, float)) for t in curve.values()):
+            raise ProtocolError(f"WELCOME field 'verify_curve' must map q to seconds, got {curve!r}")
+        try:
+            curve = {int(q): float(t) for q, t in curve.items()}
+        except ValueError as exc:
+            raise ProtocolError(f"WELCOME field 'verify_curve' has a q that is not an integer: {exc}") from exc
+        eos = f.get("eos")
+        if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise ProtocolError(f"WELCOME field 'eos' must be a list of token ids, got {eos!r}")
+        return cls(session=get_int(msg, "session", 0), model=f["model"], engine=f["engine"], dtype=f["dtype"],
+                   vocab_size=get_int(msg, "vocab_size", 1), hidden_size=get_int(msg, "hidden_size", 0),
+                   eos=tuple(eos), max_positions=get_int(msg, "max_positions", 1),
+                   max_draft_tokens=get_int(msg, "max_draft_tokens", 1), trees=f["trees"], features=f["features"],
+                   verify_curve=curve)
+
+    def context_limit(self, draft_positions: int) -> int:
+        """The most tokens a generation may hold (prompt + output): the verifier's per-session limit and
+        the draft's own, whichever is smaller (one place for the client and the server)."""
+        return min(self.max_positions, draft_positions)

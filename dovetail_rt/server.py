@@ -102,12 +102,12 @@ def snapshot(stats) -> tuple:
 class Backend:
     """The verifier (child or remote), the shared draft and the pool of Clients.
 
-    A verifier child that dies is restarted by a supervisor thread (after 1, 2, 4 ... 30 s, at most
+    A verifier child that dies is restarted by a supervisor thread (after 1, 2, 4, 8, 16 s, at most
     ``RESTARTS`` times in ``RESTART_WINDOW_S``): the requests in flight get an error that says why it
     died, /health is 503 ("restarting") meanwhile, and the Clients resume on the new child at their
     next request (their link to the old one is dead, so they reopen at ``_reconnect()``)."""
 
-    RESTARTS, RESTART_WINDOW_S, MAX_BACKOFF_S = 5, 600.0, 30.0
+    RESTARTS, RESTART_WINDOW_S = 5, 600.0
 
     def __init__(self, config: ServeConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
@@ -124,9 +124,8 @@ class Backend:
         verifier child, without waiting for it."""
         from .launcher import VerifierChild
 
-        if self.config.verifier is None:
-            self.child = VerifierChild(self.config.model, "auto", ["--max-sessions", str(self.config.parallel + 1),
-                                                                   *self.config.verifier_args], wait=False)
+        if self.config.child is not None:
+            self.child = VerifierChild(self.config.child, self.config.placement, wait=False)
 
     def _reconnect(self, endpoint: str) -> str:
         """Where a Client reopens a lost session: a remote verifier's endpoint (it may have restarted
@@ -159,15 +158,17 @@ class Backend:
                                                       f"again; the last time: {report}")
                 log.error("%s", self.problem)
                 return
-            backoff = min(self.MAX_BACKOFF_S, 2.0 ** (len(deaths) - 1))
+            backoff = 2.0 ** (len(deaths) - 1)
             self.state, self.problem = "restarting", f"restarting the verifier in {backoff:.0f} s: {report}"
             log.error("%s", self.problem)
             if self.closing.wait(backoff):
                 return
             try:
                 self.child.restart()
-            except RuntimeError as exc:  # it died before it listened: the loop sees it dead and waits longer
+            except Exception as exc:  # it died before it listened, or could not start: the loop sees it dead
                 log.error("the verifier restart failed: %s", exc)
+                if self.child.proc.poll() is None:
+                    self.child.stop()
                 continue
             self.restarts += 1
             self.metrics.restarts.inc()
@@ -197,8 +198,8 @@ class Backend:
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
                 raise RuntimeError(f"no tokenizer for {cfg.model}: the server needs one for text")
-            self.model_id = str(first.target.get("model") or cfg.model)
-            self.max_positions = min(int(first.target.get("max_positions", 1 << 30)), first.drafter.max_positions)
+            self.model_id = first.target.model or cfg.model
+            self.max_positions = first.context_limit
             warm = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
             for c in self.clients:  # a session's first step allocates the engine's buffers: not in a request
                 c.generate(warm, 2)
@@ -215,7 +216,8 @@ class Backend:
     def check(self) -> None:
         """Raise ``Unavailable`` unless ready (and the verifier child alive)."""
         if self.state == "ready" and self.child is not None and self.child.proc.poll() is not None:
-            self.state, self.problem = "restarting", f"restarting the verifier: {self.child.death_report()}"
+            self.state, self.problem = "restarting", (f"restarting the verifier (it exited with code "
+                                                      f"{self.child.proc.returncode}; the supervisor says why)")
         if self.state != "ready":
             raise Unavailable(self.problem)
 
@@ -347,7 +349,7 @@ class Generation:
 
         self.start()
         detok, finder = IncrementalDetokenizer(self.backend.tokenizer), api.StopFinder(stops)
-        eos = set(self.client.target.get("eos", []))
+        eos = set(self.client.target.eos)
         last = None
         while True:
             kind, value = await self.out.get()
@@ -454,7 +456,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             ids = await asyncio.to_thread(encode, backend, req)
         except (ValueError, TypeError) as exc:
             return fail(400, str(exc), param="messages" if chat else "prompt")
-        vocab = int(backend.clients[0].target.get("vocab_size", 1 << 62))
+        vocab = backend.clients[0].target.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             return fail(400, f"token ids must be in 0..{vocab - 1}", param="prompt")
         if req.top_k >= vocab:

@@ -120,12 +120,11 @@ class Verifier:
         self.sessions[sid] = Session(sid, identity, host)
         log.info("session %d opened%s (%d open)", sid, f" for host {host}" if host else "", len(self.sessions))
         info = self.target.info
-        return Message(MsgType.WELCOME, fields={
-            "session": sid, "model": info.name, "vocab_size": self.vocab_size, "hidden_size": info.hidden_size,
-            "dtype": info.weight_format, "engine": info.engine, "trees": info.trees, "features": info.features,
-            "eos": self.eos, "max_positions": self.max_positions, "max_draft_tokens": self.config.max_draft_tokens,
-            "verify_curve": {str(q): t for q, t in (self.verify_curve or {}).items()},
-        })
+        return protocol.Welcome(
+            session=sid, model=info.name, engine=info.engine, dtype=info.weight_format, vocab_size=self.vocab_size,
+            hidden_size=info.hidden_size, eos=tuple(self.eos), max_positions=self.max_positions,
+            max_draft_tokens=self.config.max_draft_tokens, trees=info.trees, features=info.features,
+            verify_curve=dict(self.verify_curve or {})).message()
 
     def on_start(self, identity: bytes, msg: Message) -> None:
         """New generation: checks, then the prompt is prefilled a chunk per pass (``run_pass``), whose
@@ -455,8 +454,10 @@ def load_verify_curve(home, model: str, dtype: str, threads: int | None = None) 
     try:
         saved = json.loads(path.read_text())
         if saved.get("machine_id") != machine_id():
-            return None, (f"none for this machine ({path} was measured on another CPU: {saved.get('cpu', 'unnamed')}): "
-                          "drafts learn T_V online; `dovetail bench --verify-curve` measures it here")
+            where = (f"was measured on another CPU ({saved['cpu']})" if "machine_id" in saved else
+                     "names no machine (kept before curves were kept per machine)")
+            return None, (f"none for this machine ({path} {where}): drafts learn T_V online; "
+                          "`dovetail bench --verify-curve` measures it here")
         measured_threads = saved.get("threads", {}).get(dtype)
         if threads and measured_threads and measured_threads != threads:
             return None, (f"none for {threads} threads ({path} holds {dtype} at {measured_threads}): drafts learn T_V "
@@ -464,10 +465,14 @@ def load_verify_curve(home, model: str, dtype: str, threads: int | None = None) 
         if saved.get("model") == model.split(":", 1)[0] and dtype in saved.get("curves", {}):
             curve = {int(q): float(t) for q, t in saved["curves"][dtype]["chain"].items()}
             when = saved.get("measured", {}).get(dtype, "")
-            return curve, (f"measured here{' ' + when if when else ''} for {dtype}"
-                           f"{f' at {measured_threads} threads' if measured_threads else ''}: T_V(q) at q="
-                           f"{','.join(map(str, sorted(curve)))}, T_V(1) {1000 * curve.get(1, 0):.1f} ms, "
-                           f"T_V(8)/T_V(1) {curve.get(8, 0) / curve.get(1, 1):.2f}" if 1 in curve else "")
+            line = (f"measured here{' ' + when if when else ''} for {dtype}"
+                    f"{f' at {measured_threads} threads' if measured_threads else ''}: T_V(q) at q="
+                    f"{','.join(map(str, sorted(curve)))}")
+            if curve.get(1):
+                line += f", T_V(1) {1000 * curve[1]:.1f} ms"
+                if 8 in curve:
+                    line += f", T_V(8)/T_V(1) {curve[8] / curve[1]:.2f}"
+            return curve, line
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         log.warning("ignoring unreadable verification curve %s", path)
     return None, f"none for {model} ({dtype}) in {path}: drafts learn T_V online"

@@ -52,7 +52,9 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as ready:  # the launcher reads the endpoint, then what runs there
             ready.write(endpoint + "\n" + json.dumps({"engine": info.engine, "format": info.weight_format,
-                                                     "file": info.path}) + "\n")
+                                                     "file": info.path, "config": config.as_dict(),
+                                                     "placement": {"threads": where.threads, "cpus": list(where.cpus),
+                                                                   "node": where.node}}) + "\n")
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))

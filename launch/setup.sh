@@ -28,9 +28,11 @@ fi
 # CPU's own flags spelled out and AMX off (llama.cpp's AMX kernel dies on some KVM guests, DESIGN.md §8).
 "${PIP[@]}" "numpy>=1.24" "gguf>=0.10"
 LLAMA_VERSION=0.3.36
-cpu_flags() { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs -n1 | sort | xargs; }
+cpu_flags() { grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs -n1 | sort | xargs; }
 has_flag() { [[ " $(cpu_flags) " == *" $1 "* ]]; }
-CPU_KEY=$( { grep -m1 'model name' /proc/cpuinfo 2>/dev/null; cpu_flags; echo "${CMAKE_ARGS:-}"; uname -m; } | sha256sum | cut -c1-16)
+# (the wheel is py3-none: one build serves every Python of the venv; ARM names its CPU by implementer and part)
+CPU_KEY=$( { grep -E '^(model name|CPU implementer|CPU part)' /proc/cpuinfo 2>/dev/null | sort -u; cpu_flags
+             echo "${CMAKE_ARGS:-}"; uname -m; } | sha256sum | cut -c1-16)
 WHEELS="${DOVETAIL_CACHE:-$HOME/.cache/dovetail}/wheels/llama-cpp-python-$LLAMA_VERSION-$CPU_KEY"
 MARK="$VENV/.llama-cpp-build"
 explicit_flags() {  # the CPU's own instruction sets as ggml options, AMX off
@@ -53,25 +55,25 @@ build_llama() {  # build_llama VARIANT CMAKE_ARGS: a wheel in $WHEELS/VARIANT, i
   fi
   "${PIP[@]}" --no-deps --force-reinstall "$WHEELS/$variant"/llama_cpp_python-*.whl
   "${PIP[@]}" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"  # its own dependencies
-  echo "$CPU_KEY $variant" > "$MARK"
 }
 if [[ "$(cat "$MARK" 2>/dev/null)" != "$CPU_KEY "* ]] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   if [[ -n "${CMAKE_ARGS:-}" ]]; then
-    build_llama custom "$CMAKE_ARGS"
+    build_llama custom "$CMAKE_ARGS" && variant=custom
     echo "llama-cpp-python: built with your CMAKE_ARGS"
   elif has_flag amx_int8 || has_flag amx_tile; then
-    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
+    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" && variant=native
     if "$VENV/bin/python" -m dovetail_rt.kernels probe --build-check; then
       echo "llama-cpp-python: native build, AMX kernels ON (the kernel probe passed on this CPU)"
     else
       echo "llama-cpp-python: the AMX build failed the kernel probe on this CPU: rebuilding with AMX off"
-      build_llama no-amx "$(explicit_flags)"
+      build_llama no-amx "$(explicit_flags)" && variant=no-amx
       echo "llama-cpp-python: built with this CPU's flags, AMX kernels OFF"
     fi
   else
-    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
+    build_llama native "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" && variant=native
     echo "llama-cpp-python: native build (this CPU has no AMX)"
   fi
+  echo "$CPU_KEY $variant" > "$MARK"  # only once the build that stays is in
 fi
 "${PIP[@]}" -e ".${EXTRA}"
 if [[ -n "$EXTRA" ]]; then

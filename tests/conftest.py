@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig
 from dovetail_rt.launcher import VerifierChild
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +59,18 @@ def save_model(model, tokenizer, path: Path) -> Path:
 
 
 class VerifierProcess(VerifierChild):
-    """`dovetail verifier` on a tiny model in a child process (one thread), float32 by default."""
+    """`dovetail verifier` on a tiny model in a child process (one thread), float32 by default; ``extra``
+    are `dovetail verifier` options, read by the CLI's own parser into the configs that cross."""
 
     def __init__(self, model_dir: Path, *extra: str, dtype: str = "float32", log_file: Path | None = None):
-        super().__init__(str(model_dir), dtype, ["-t", "1", *extra], log_file=log_file,
+        from dovetail_rt import cli
+
+        args = cli.build_parser().parse_args(["verifier", "-m", str(model_dir), "--dtype", dtype, "-t", "1",
+                                              "--listen", CHILD_ENDPOINT, *extra])
+        super().__init__(cli.verifier_config(args, LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
+                                                              authorized_keys=args.authorized_keys,
+                                                              insecure=args.insecure)),
+                         cli.placement_config(args), log_file=log_file,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
 
 

@@ -25,7 +25,10 @@ def pair(tmp_path_factory, tiny_dir):
 
 
 def dovetail(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DOVETAIL_HOME=str(kw.pop("home", ROOT / ".nonexistent-home")))
+    from dovetail_rt import kernels
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DOVETAIL_HOME=str(kw.pop("home", ROOT / ".nonexistent-home")),
+               DOVETAIL_KERNELS=str(kernels.verdict_dir()))  # this machine's verdict, not one in the checkout
     return subprocess.run([sys.executable, "-m", "dovetail_rt.cli", *args], capture_output=True, text=True,
                           env=env, timeout=120, **kw)
 
@@ -144,3 +147,65 @@ def test_run_picks_the_llamacpp_engine_for_a_gguf_target(pair, tmp_path):
     on_torch = dovetail("run", "-m", str(target_dir), "--dtype", "float32", *common)
     assert on_torch.returncode == 0 and "(torch engine, float32)" in on_torch.stderr
     assert on_llama.stdout == on_torch.stdout
+
+
+# every `dovetail verifier` option set off its default (torch engine: the KV options still travel and are checked)
+OFF_DEFAULT = ["--engine", "torch", "--dtype", "float32", "-c", "512", "--max-sessions", "7", "--max-sessions-per-peer", "3",
+               "--idle-timeout", "123.5", "--prefill-chunk", "32", "--kv-budget", "1024", "--max-draft-tokens", "64",
+               "-t", "1", "--cpus", "0", "--numa-node", "0"]
+
+
+def check_child_runs(config, child) -> None:
+    """The child reports the config it parsed: every field must be the one the parent built."""
+    assert child.target["config"] == config.as_dict()
+    assert child.target["placement"] == {"threads": 1, "cpus": [0], "node": 0}
+
+
+def test_every_verifier_option_round_trips_through_the_childs_argv():
+    from dovetail_rt import cli
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig
+
+    for command in ("run", "serve"):
+        args = cli.build_parser().parse_args([command, "-m", "tiny", *OFF_DEFAULT, *(["-p", "x"] if command == "run" else [])])
+        config = cli.verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT)) if command == "run" else cli.serve_config(args).child
+        argv = cli.verifier_argv(config, cli.placement_config(args))
+        back = cli.build_parser().parse_args(["verifier", *argv])
+        assert cli.verifier_config(back, LinkConfig(endpoint=back.listen)) == config
+        assert cli.placement_config(back) == cli.placement_config(args)
+        defaults = cli.verifier_config(cli.build_parser().parse_args([command, "-m", "tiny", "-p", "x"] if command == "run"
+                                                                     else [command, "-m", "tiny"]),
+                                       LinkConfig(endpoint=CHILD_ENDPOINT), max_sessions=16)
+        changed = {k for k, v in config.as_dict().items() if defaults.as_dict()[k] != v}
+        assert changed >= {"engine", "dtype", "n_ctx", "max_sessions", "max_sessions_per_peer", "idle_timeout_s",
+                           "prefill_chunk", "kv_budget", "max_draft_tokens"}
+
+
+@pytest.mark.timeout(180)
+def test_run_and_serve_hand_every_verifier_option_to_the_child(tiny_dir, monkeypatch):
+    """What `run` and `serve` build reaches the child whole (once, --kv-budget, --prefill-chunk,
+    --idle-timeout and --max-sessions-per-peer were dropped on the way, and serve overwrote --max-sessions)."""
+    from dovetail_rt import cli, server
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig
+    from dovetail_rt.launcher import VerifierChild
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    args = cli.build_parser().parse_args(["run", "-m", str(tiny_dir), *OFF_DEFAULT, "-p", "x"])
+    config = cli.verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT))
+    with VerifierChild(config, cli.placement_config(args)) as child:
+        check_child_runs(config, child)
+    args = cli.build_parser().parse_args(["serve", "-m", str(tiny_dir), *OFF_DEFAULT, "--parallel", "2", "-md", "ngram"])
+    backend = server.Backend(cli.serve_config(args), server.Metrics())
+    backend.start()
+    try:
+        check_child_runs(backend.config.child, backend.child.wait_ready())
+    finally:
+        backend.close()
+
+
+def test_serve_refuses_fewer_sessions_than_it_runs_requests():
+    from dovetail_rt import cli
+
+    args = cli.build_parser().parse_args(["serve", "-m", "tiny", "--parallel", "4", "--max-sessions", "4"])
+    with pytest.raises(ValueError, match="below --parallel"):
+        cli.serve_config(args)
+    assert cli.serve_config(cli.build_parser().parse_args(["serve", "-m", "tiny", "--parallel", "4"])).child.max_sessions == 5

@@ -18,7 +18,7 @@ from dovetail_rt import kernels, lm  # noqa: E402
 from dovetail_rt.client import Client  # noqa: E402
 from dovetail_rt.config import DraftConfig  # noqa: E402
 
-from conftest import VerifierProcess, engine_greedy, noisy_copy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
+from conftest import VerifierProcess, engine_greedy, noisy_copy, tiny_target, tiny_tokenizer  # noqa: E402
 
 CHAIN = DraftConfig(draft_max=3, p_min=0.0, adaptive=False)
 PROMPT = [5, 7, 9, 11]
@@ -123,6 +123,7 @@ def test_a_verifier_that_dies_says_of_what_with_its_last_lines_and_what_to_try(t
 @pytest.mark.timeout(120)
 def test_the_verifier_loads_this_machines_measured_curve_and_ignores_another_machines(tiny_dir, tmp_path):
     from dovetail_rt.bench.curve import save_for_drafts
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig, PlacementConfig, VerifierConfig
     from dovetail_rt.launcher import VerifierChild
 
     from conftest import ROOT
@@ -130,13 +131,14 @@ def test_the_verifier_loads_this_machines_measured_curve_and_ignores_another_mac
     home = tmp_path / "home"
     curve = {"chain": {"1": 0.010, "2": 0.011, "4": 0.012, "8": 0.014}}
     save_for_drafts({"model": str(tiny_dir), "curves": {"float32": curve}, "files": {}}, home)
-    env = {**os.environ, "DOVETAIL_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the child's $DOVETAIL_HOME is the config's home
     for machine, want in (("this", "curve:     measured here"), ("other", "curve:     none for this machine")):
         if machine == "other":
             saved = json.loads((home / "verify_curve.json").read_text())
             (home / "verify_curve.json").write_text(json.dumps({**saved, "machine_id": "0" * 16}))
         log = tmp_path / f"{machine}.log"
-        with VerifierChild(str(tiny_dir), "float32", ["-t", "1"], env=env, log_file=log):
+        config = VerifierConfig(model=str(tiny_dir), home=home, dtype="float32", link=LinkConfig(endpoint=CHILD_ENDPOINT))
+        with VerifierChild(config, PlacementConfig(threads=1), env=env, log_file=log):
             start = wait_for(log, "listening")
         assert want in start, start
         if machine == "this":

@@ -56,3 +56,15 @@ def test_too_large_refused_with_seq():
     with pytest.raises(ProtocolError) as err:
         protocol.decode(frames, max_bytes=2048)
     assert err.value.code == "too_large" and err.value.seq == 9
+
+
+def test_welcome_round_trips_through_the_wire_and_a_bad_field_is_named():
+    welcome = protocol.Welcome(session=7, model="m", engine="llamacpp", dtype="Q4_K_M", vocab_size=99, hidden_size=32,
+                               eos=(2, 5), max_positions=512, max_draft_tokens=64, trees=True, features=False,
+                               verify_curve={1: 0.02, 8: 0.05})
+    back = protocol.Welcome.decode(protocol.decode(protocol.encode(welcome.message())))
+    assert back == welcome and back.context_limit(300) == 300 and back.context_limit(4096) == 512
+    fields = welcome.message().fields
+    for key, bad in (("eos", "2"), ("trees", 1), ("max_positions", 0), ("verify_curve", {"x": 1.0})):
+        with pytest.raises(ProtocolError, match=key):
+            protocol.Welcome.decode(Message(MsgType.WELCOME, fields={**fields, key: bad}))

@@ -58,7 +58,7 @@ def test_default_pair_on_llamacpp_equals_its_one_token_decode(installed, draft_c
         assert verifier.target["engine"] == "llamacpp" and verifier.target["format"] == "Q4_K_M"
         with Client(verifier=verifier.endpoint, draft=store.DEFAULT_DRAFT, draft_config=draft_config,
                     timeout_s=300, home=installed) as client:
-            assert client.target["engine"] == "llamacpp"
+            assert client.target.engine == "llamacpp"
             out = client.generate(prompt, max_new_tokens=32)
     finally:
         verifier.stop()

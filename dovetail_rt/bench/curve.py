@@ -5,6 +5,7 @@ CPU: the draft side sizes its drafts from it (see ``cost.py``)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -67,8 +68,12 @@ def run(model_spec: str, home: Path, engines: list[str], dtypes: list[str], qs=D
         reps: int = 3, threads: int | None = None) -> dict:
     from ..verifier import curve_key
 
+    import torch
+
     result = {"model": store_base(model_spec), "context": context, "reps": reps, "curves": {}, "files": {},
               "threads": {}}
+    if threads:
+        torch.set_num_threads(threads)  # the torch engine's forwards; llama.cpp takes ``threads`` itself
     for engine, spec, options in variants(model_spec, home, engines, dtypes):
         target = lm.open_lm(spec, home, engine, threads=threads, **options)
         key = curve_key(target.info)
@@ -133,37 +138,39 @@ def plot(result: dict, path: Path, title: str) -> None:
 
 
 def save_for_drafts(result: dict, home: Path) -> Path:
-    """Keep the latest curve where the draft side finds it: $DOVETAIL_HOME/verify_curve.json."""
-    path = home / "verify_curve.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    saved = {}
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            saved = {}
+    """Keep the latest curves where the verifier finds them: $DOVETAIL_HOME/verify_curve.json, with this
+    machine's identity and, per engine and format, when and at how many threads each was measured
+    (curves of other engines and formats of the same model on this machine stay)."""
     from ..placement import cpu_identity, machine_id
 
+    path = home / "verify_curve.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        saved = {}
     here = {"machine_id": machine_id(), "cpu": cpu_identity().split(" | ")[1]}
-    if saved.get("model") == result["model"] and saved.get("machine_id") == here["machine_id"]:
-        result = {**result, "curves": {**saved.get("curves", {}), **result["curves"]},  # keep the others' curves
-                  "files": {**saved.get("files", {}), **result.get("files", {})}}
-    same = saved.get("model") == result["model"] and saved.get("machine_id") == here["machine_id"]
-    measured = {key: time.strftime("%Y-%m-%d %H:%M") for key in result["curves"]}
-    result = {**result, **here, "measured": {**saved.get("measured", {}), **measured} if same else measured,
-              "threads": {**saved.get("threads", {}), **result.get("threads", {})} if same else result.get("threads", {})}
-    path.write_text(json.dumps(result, indent=1))
+    if saved.get("model") != result["model"] or saved.get("machine_id") != here["machine_id"]:
+        saved = {}  # another model's or another machine's curves: replaced
+    now = time.strftime("%Y-%m-%d %H:%M")
+    merged = {**result, **here}
+    for part in ("curves", "files", "threads"):
+        merged[part] = {**saved.get(part, {}), **result.get(part, {})}
+    merged["measured"] = {**saved.get("measured", {}), **{key: now for key in result["curves"]}}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
     return path
 
 
 def main(model_spec: str, home: Path, engines: list[str], dtypes: list[str], out_dir: Path, plots: bool,
-         command: str) -> int:
+         command: str, threads: int | None = None) -> int:
     """`dovetail bench --verify-curve`: measure, save for the drafts, print a table and a JSON line."""
     import time
 
     from . import report
 
-    result = run(model_spec, home, engines, dtypes)
+    result = run(model_spec, home, engines, dtypes, threads=threads)
     result["command"], result["machine"] = command, report.machine_info(",".join(result["curves"]))
     stem = time.strftime("verify-curve-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import data, lm
-from ..config import DraftConfig
+from ..config import CHILD_ENDPOINT, DraftConfig, LinkConfig, VerifierConfig
 from ..drafter import Choice, open_draft
 from ..ngram import Lookup
 from ..launcher import VerifierChild
@@ -134,8 +134,9 @@ def run(args, home: Path) -> dict:
     with ExitStack() as stack:
         active = []
         for engine in engines:
-            child = stack.enter_context(VerifierChild(args.model, dtype_name, extra=[
-                "--engine", engine, "--max-sessions", str(max(16, sessions))]))
+            child = stack.enter_context(VerifierChild(VerifierConfig(
+                model=args.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions),
+                link=LinkConfig(endpoint=CHILD_ENDPOINT))))
             results["engines"][engine] = child.target
             tag = suffix[engine]
             if "target" in systems:
