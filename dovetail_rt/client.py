@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,9 +97,6 @@ class GenerationStats:
     @property
     def accept_rate(self) -> float:
         return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -182,9 +182,10 @@ def probe(config: KernelConfig, timeout_s: float = 300.0) -> tuple[bool, str]:
     if done.returncode == 0:
         return True, ""
     if done.returncode < 0:
-        from .launcher import signal_name
-
-        name = signal_name(-done.returncode)
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:  # one Python has no name for
+            name = f"signal {-done.returncode}"
         return False, f"killed by {name} ({last.removeprefix('running ')})"
     tail = (done.stderr.strip().splitlines() or [""])[-1]
     return False, f"{last} (exit {done.returncode}{': ' + tail if tail and 'mismatch' not in last else ''})"

@@ -50,7 +50,7 @@ class VerifierChild:
     loopback endpoint, port 0 for a free one: `run`, `serve`, the bench and the tests use
     ``CHILD_ENDPOINT``).
 
-    The config crosses as `dovetail verifier` options built in one place (``cli.verifier_argv``) and
+    The config crosses as `dovetail verifier` options built in one place (``verifier_options.verifier_argv``) and
     the child reports back, through a pipe once it listens (no sleeps, no polling), its endpoint and
     the config it runs (``target["config"]``). It dies with its parent (PR_SET_PDEATHSIG + a parent
     check), so nothing is left orphaned. The death signal follows the *thread* that started the
@@ -68,7 +68,7 @@ class VerifierChild:
             self.wait_ready()
 
     def _spawn(self) -> None:
-        from .cli import verifier_argv
+        from .verifier_options import verifier_argv
 
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *verifier_argv(self.config, self.where),

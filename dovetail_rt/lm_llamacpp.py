@@ -124,6 +124,24 @@ def requantize(src: Path, dst: Path, fmt: str, threads: int | None = None) -> No
         raise RuntimeError(f"llama.cpp could not write {fmt} from {src} (code {rc}); is the disk full?")
 
 
+def write_format(home: Path, name: str, fmt: str) -> tuple[Path, bool]:
+    """An installed default's GGUF in weight format ``fmt`` beside it (``store.format_path``), written with
+    llama.cpp's quantizer unless it is there already: (its path, whether it was written now). A
+    requantization of a Q4_K_M file is a different model from the file: compare it with llama.cpp on
+    the same file."""
+    if fmt not in store.FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(store.FORMATS)}")
+    src, dst = home / "gguf" / f"{name}.gguf", store.format_path(home, name, fmt)
+    if not src.is_file():
+        raise store.ModelNotFound(f"{src} is missing: run `dovetail models install {name}` first")
+    if dst.is_file():
+        return dst, False
+    tmp = dst.with_suffix(".partial")
+    requantize(src, tmp, fmt)
+    tmp.rename(dst)
+    return dst, True
+
+
 def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4096, n_batch: int = 256,
                max_tree: int = 64, numa: bool = False, sessions: int = 1, kv_cells: int | None = None,
                **_ignored) -> "LlamaCppLM":

@@ -146,30 +146,6 @@ def installed_formats(spec: str, home: Path) -> list[str]:
     return found + [m for m in made if m != spec]
 
 
-def make_format(home: Path, name: str, fmt: str) -> Path:
-    """Requantize an installed default's GGUF into ``fmt`` with llama.cpp's quantizer (seconds for a 1.5B).
-    A requantization of a Q4_K_M file is a different model from the file: compare it with llama.cpp
-    on the same file."""
-    import time
-
-    from .lm_llamacpp import requantize
-
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
-    src, dst = home / "gguf" / f"{name}.gguf", format_path(home, name, fmt)
-    if not src.is_file():
-        raise ModelNotFound(f"{src} is missing: run `dovetail models install {name}` first")
-    if dst.is_file():
-        return dst
-    t0 = time.perf_counter()
-    print(f"{name}: requantizing {src.name} -> {dst.name} with llama.cpp ...", file=sys.stderr, flush=True)
-    tmp = dst.with_suffix(".partial")
-    requantize(src, tmp, fmt)
-    tmp.rename(dst)
-    print(f"{name}:{fmt}: {dst.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return dst
-
-
 def load_tokenizer(spec: str, home: Path):
     """The transformers tokenizer that goes with ``spec`` (None when it has none: token ids only)."""
     from transformers import AutoTokenizer
@@ -270,9 +246,9 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", extra_eos: t
     tmp.rename(out_dir)
 
 
-def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True, formats: list[str] = ()) -> list[Path]:
+def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True) -> list[Path]:
     """Install the named releases (default: the target/draft pair); skip those already installed.
-    ``formats``: also requantize each named release's GGUF into these formats (``make_format``)."""
+    Other weight formats of them: ``lm_llamacpp.write_format``."""
     done = []
     for name in names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
         if name not in RELEASES:
@@ -289,11 +265,9 @@ def install(home: Path, names: list[str] | None = None, keep_gguf: bool = True, 
         if not (gguf.exists() and gguf.stat().st_size == release.size and _sha256(gguf) == release.sha256):
             gguf = assemble_gguf(release, gguf_dir)
         convert_gguf(gguf, out_dir, extra_eos=release.extra_eos)
-        if not keep_gguf and not formats:
+        if not keep_gguf:
             gguf.unlink()
         done.append(out_dir)
-    for name in names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
-        done += [make_format(home, name, fmt) for fmt in formats]
     return done
 
 

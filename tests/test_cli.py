@@ -162,13 +162,13 @@ def check_child_runs(config, child) -> None:
 
 
 def test_every_verifier_option_round_trips_through_the_childs_argv():
-    from dovetail_rt import cli
+    from dovetail_rt import cli, verifier_options
     from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig
 
     for command in ("run", "serve"):
         args = cli.build_parser().parse_args([command, "-m", "tiny", *OFF_DEFAULT, *(["-p", "x"] if command == "run" else [])])
         config = cli.verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT)) if command == "run" else cli.serve_config(args).child
-        argv = cli.verifier_argv(config, cli.placement_config(args))
+        argv = verifier_options.verifier_argv(config, cli.placement_config(args))
         back = cli.build_parser().parse_args(["verifier", *argv])
         assert cli.verifier_config(back, LinkConfig(endpoint=back.listen)) == config
         assert cli.placement_config(back) == cli.placement_config(args)

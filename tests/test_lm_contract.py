@@ -277,3 +277,22 @@ def test_a_nearly_full_pool_runs_what_fits_and_defers_the_rest(gguf_path):
     for s in (filler, a, b):
         s.close()
     small.close()
+
+
+def test_write_format_writes_a_format_once_beside_the_installed_gguf(gguf_path, tmp_path):
+    """`models install --format`'s writer: the file lands where NAME:FORMAT resolves, once."""
+    pytest.importorskip("llama_cpp")
+    import shutil
+
+    from dovetail_rt import store
+    from dovetail_rt.lm_llamacpp import weight_format, write_format
+
+    (tmp_path / "gguf").mkdir()
+    shutil.copy(gguf_path, tmp_path / "gguf" / "tiny.gguf")
+    path, written = write_format(tmp_path, "tiny", "q8_0")
+    assert written and path == store.format_path(tmp_path, "tiny", "q8_0") and weight_format(path) == "Q8_0"
+    assert write_format(tmp_path, "tiny", "q8_0") == (path, False)
+    with pytest.raises(ValueError, match="unknown format"):
+        write_format(tmp_path, "tiny", "q3_k")
+    with pytest.raises(store.ModelNotFound, match="models install other"):
+        write_format(tmp_path, "other", "q8_0")
