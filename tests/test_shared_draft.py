@@ -73,7 +73,9 @@ def test_threads_share_passes_and_each_gets_its_own_output(engine):
 
 
 def test_a_refused_forward_fails_its_own_thread_only(engine):
-    shared = SharedLM(engine)
+    """A refused forward and a good one IN THE SAME PASS: only the refused one's thread gets the error."""
+    shared = SharedLM(engine, gather_s=30.0)
+    shared.last_batch = 2  # as after a pass of both: the leader waits for the other forward (at most gather_s)
     good, bad = shared.session(), shared.session()
     errors, outs = [], []
     start = threading.Barrier(2)
@@ -94,6 +96,7 @@ def test_a_refused_forward_fails_its_own_thread_only(engine):
         t.start()
     for t in threads:
         t.join()
+    assert (shared.passes, shared.forwards) == (1, 2), "the two forwards did not share a pass"
     assert len(errors) == 1 and "parent" in str(errors[0])
     assert bad.length == 0 and len(outs) == 1
     plain = engine.session()
