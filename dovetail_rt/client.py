@@ -253,9 +253,7 @@ class Client:
 
     def configure(self, config: DraftConfig) -> None:
         """Draft settings for the generations that follow (a server request's own speculation settings)."""
-        self.drafter_config = config
-        if hasattr(self.drafter, "config"):  # NoDraft has none
-            self.drafter.config = config
+        self.drafter_config = self.drafter.config = config
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(
@@ -367,7 +365,7 @@ class Client:
                                   protocol.get_int(reply, "batch", 1, None, 1))
                 take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
         finally:  # done, or closed early: a drafter that keeps outputs (the lookup's index) gets the last batch
-            if generation == self._generation and hasattr(self.drafter, "finish"):
+            if generation == self._generation:
                 self.drafter.finish(committed)
 
     # ---- text convenience ---------------------------------------------------------------------

@@ -1,15 +1,6 @@
 """The draft side's proposers. A drafter turns the committed tokens into a draft tree.
 
-Every draft kind implements the same calls, so the loop in ``client.py`` never changes:
-
-    propose(committed, budget) -> DraftTree   (at most ``budget`` draft nodes)
-    observe(feedback)                         (what the last step gave: target features of the newly
-                                               committed tokens, counts and timings)
-    reset()                                   (a new generation starts)
-    finish(committed)                         (optional: the generation is over, with these tokens)
-    close()                                   (free the draft's state; the model stays its opener's)
-    max_positions                             (the longest sequence the draft can hold)
-
+Every draft kind is a :class:`Drafter` (the calls the loop in ``client.py`` makes, so it never changes).
 Kinds: ``DraftLM`` (a small LM), ``HeadDrafter`` (the Dovetail feature head), ``ngram.NgramDrafter``
 (lookup in the context and earlier outputs), ``Chooser`` (ngram+DRAFT: the lookup when it pays, else
 the model draft) and ``NoDraft``. ``open_draft`` + ``make_drafter`` below are the one place a draft
@@ -23,6 +14,7 @@ import time
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -61,12 +53,38 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class NoDraft:
+@runtime_checkable
+class Drafter(Protocol):
+    """What the client loop asks of every draft kind (``ngram.NgramDrafter`` meets it without a model)."""
+
+    kind: str  # "lm", "head", "ngram", "none": the stats per kind
+    wants_features: bool  # the target's last-layer features must come back with every RESULT
+    max_positions: int  # the longest sequence the draft can hold
+    config: DraftConfig  # settings for the next proposals (a server request sets its own)
+
+    def propose(self, committed: list[int], budget: int) -> DraftTree:
+        """A draft tree of at most ``budget`` nodes after ``committed`` (every token so far)."""
+
+    def observe(self, feedback: Feedback) -> None:
+        """What the last step gave: features of the newly committed tokens, counts and timings."""
+
+    def reset(self) -> None:
+        """A new generation starts."""
+
+    def finish(self, committed: list[int]) -> None:
+        """The generation is over with these tokens (a lookup keeps its output; the others keep nothing)."""
+
+    def close(self) -> None:
+        """Free the draft's state; the model stays its opener's."""
+
+
+class NoDraft(Drafter):
     """Proposes nothing: every step is one plain target decode step."""
 
     wants_features = False
     max_positions = 1 << 30
     kind = "none"
+    config = DraftConfig()
 
     def close(self) -> None:
         pass
@@ -81,7 +99,7 @@ class NoDraft:
         return DraftTree.chain([])
 
 
-class DraftLM:
+class DraftLM(Drafter):
     """A standalone small LM that shares the target's tokenizer (e.g. Qwen2.5-Coder-0.5B), on any
     engine behind the ``lm`` seam.
 
@@ -196,7 +214,7 @@ class Choice:
     model: object  # what open_draft gives for DRAFT
 
 
-class Chooser:
+class Chooser(Drafter):
     """``ngram+DRAFT``: each step the lookup's proposal when it has one that its cost model expects
     to pay, else the model draft's (which drafts nothing when nothing pays either). Each kind learns
     its acceptance and draft time from the steps it drafted; the model draft sees every step's target
@@ -329,7 +347,7 @@ def _log(p: float) -> float:
 HEAD_TOP_K = 4  # heads draft trees unless told --tree-top-k 1
 
 
-class HeadDrafter:
+class HeadDrafter(Drafter):
     """The Dovetail feature head: drafts from the target's own last-layer features.
 
     The head's KV cache holds one entry per committed *pair* (feature f_i, token x_{i+1}), built

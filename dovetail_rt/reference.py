@@ -12,16 +12,16 @@ import torch
 from . import lm, sampling
 from .client import Generation, GenerationStats
 from .config import DraftConfig
-from .drafter import DraftLM
+from .drafter import DraftLM, Drafter
 
 
 def speculative_generate(
     target: lm.LM, draft, prompt: list[int], max_new_tokens: int, draft_config: DraftConfig,
     params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
 ) -> Generation:
-    """``draft``: a small LM (``lm.LM``) or any drafter (``propose`` / ``observe`` / ``reset``)."""
+    """``draft``: a small LM (``lm.LM``) or any ``Drafter``."""
     generator = torch.Generator().manual_seed(seed)
-    drafter = draft if hasattr(draft, "propose") else DraftLM(draft, draft_config)
+    drafter = draft if isinstance(draft, Drafter) else DraftLM(draft, draft_config)
     drafter.reset()
     stats = GenerationStats(n_prompt=len(prompt))
 
