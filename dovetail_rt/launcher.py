@@ -59,9 +59,10 @@ class VerifierChild:
     """
 
     def __init__(self, config: VerifierConfig, where: PlacementConfig = PlacementConfig(), env: dict | None = None,
-                 wait: bool = True, log_file: Path | None = None):
-        """``log_file``: the verifier's log (stderr) goes there, appended, instead of to this process's."""
-        self.config, self.where, self.env = config, where, env
+                 wait: bool = True, log_file: Path | None = None, verbose: bool = False):
+        """``log_file``: the verifier's log (stderr) goes there, appended, instead of to this process's;
+        ``verbose``: it logs at debug level (so does a parent that does)."""
+        self.config, self.where, self.env, self.verbose = config, where, env, verbose
         self.log_file = log_file
         self._spawn()
         if wait:
@@ -71,7 +72,7 @@ class VerifierChild:
         from .verifier_options import verifier_argv
 
         read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *verifier_argv(self.config, self.where),
+        cmd = [sys.executable, "-m", "dovetail_rt.cli", "verifier", *verifier_argv(self.config, self.where, self.verbose),
                "--ready-fd", str(write_fd), "--exit-with-parent"]
         env = {**(os.environ if self.env is None else self.env), "DOVETAIL_HOME": str(self.config.home)}
         self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env,

@@ -63,7 +63,7 @@ def placement_config(args) -> PlacementConfig:
     return PlacementConfig(threads=args.threads, cpus=args.cpus, numa_node=args.numa_node)
 
 
-def verifier_argv(config: VerifierConfig, where: PlacementConfig) -> list[str]:
+def verifier_argv(config: VerifierConfig, where: PlacementConfig, verbose: bool = False) -> list[str]:
     """The `dovetail verifier` options that rebuild ``config`` and ``where`` in a child process: the
     inverse of ``verifier_config`` (tests/test_cli.py sends every option through `run` and `serve` and
     reads it back from the child). ``config.home`` travels as $DOVETAIL_HOME (``launcher``)."""
@@ -81,6 +81,6 @@ def verifier_argv(config: VerifierConfig, where: PlacementConfig) -> list[str]:
             argv += [flag, str(value)]
     if link.insecure:
         argv.append("--insecure")
-    if logging.getLogger().isEnabledFor(logging.DEBUG):  # `-v` here: the child's log too
+    if verbose or logging.getLogger().isEnabledFor(logging.DEBUG):  # `-v` here: the child's log too
         argv.append("-v")
     return argv

@@ -70,7 +70,7 @@ class VerifierProcess(VerifierChild):
         super().__init__(cli.verifier_config(args, LinkConfig(endpoint=args.listen, curve_secret_key=args.curve_secret_key,
                                                               authorized_keys=args.authorized_keys,
                                                               insecure=args.insecure)),
-                         cli.placement_config(args), log_file=log_file,
+                         cli.placement_config(args), log_file=log_file, verbose=getattr(args, "verbose", False),
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
 
 
