@@ -19,6 +19,7 @@ The probe imports only llama_cpp, numpy and gguf, so ``launch/setup.sh`` runs it
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -99,7 +100,9 @@ def build_identity() -> str:
     return f"llama-cpp-python {version('llama_cpp_python')} {digest.hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=1)
 def verdict_key() -> str:
+    """Which CPU and build a verdict is for: read once per process (hashing the libraries takes ~80 ms)."""
     from .placement import cpu_identity
 
     return hashlib.sha256(f"{PROBE_VERSION}\n{cpu_identity()}\n{build_identity()}".encode()).hexdigest()[:16]
