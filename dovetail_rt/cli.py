@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import CHILD_ENDPOINT, ENGINE_CHOICES, DraftConfig, LinkConfig, ServeConfig, dovetail_home
+from .config import CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, DraftConfig, LinkConfig, ServeConfig, dovetail_home
+from .cost import WIDEST
 from .verifier_options import add_verifier_options, placement_config, verifier_config
 
 log = logging.getLogger("dovetail")
@@ -47,7 +48,9 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool, generati
                    help="torch draft precision (auto: float16 on CUDA, int8 dynamic quantization on the CPU; a llama.cpp "
                         "draft runs its file's format); it never changes the output, only speed and acceptance")
     d = DraftConfig()
-    g.add_argument("--draft-max", type=int, default=d.draft_max, help=f"most draft tokens per step (default {d.draft_max})")
+    g.add_argument("--draft-max", type=int, default=None,
+                   help=f"most draft tokens per step (default: {DRAFT_MAX}, up to {WIDEST} where the verifier's curve is flat; "
+                        "the cost model picks the length below it)")
     g.add_argument("--draft-min", type=int, default=d.draft_min, help=f"fewest draft tokens per step (default {d.draft_min})")
     g.add_argument("--draft-p-min", type=float, default=d.p_min,
                    help=f"stop a chain when the draft's top probability falls under this (default {d.p_min})")
@@ -56,7 +59,9 @@ def add_draft_options(p: argparse.ArgumentParser, model_required: bool, generati
     g.add_argument("--tree-top-k", type=int, default=None,
                    help="branching of EAGLE-2 dynamic trees; 1 = chains (default: chains for a small LM, 4 for a head)")
     g.add_argument("--tree-depth", type=int, default=d.tree_depth, help=f"tree rounds (default {d.tree_depth})")
-    g.add_argument("--tree-tokens", type=int, default=d.tree_tokens, help=f"tokens per verified tree, root included (default {d.tree_tokens})")
+    g.add_argument("--tree-tokens", type=int, default=None,
+                   help=f"tokens per grown tree, root included (default: {TREE_TOKENS}, up to {WIDEST} where the verifier's "
+                        "curve is flat; the cost model cuts it)")
     g.add_argument("--lookup-min", type=int, default=d.lookup_min,
                    help=f"ngram drafts: shortest context tail matched (default {d.lookup_min})")
     g.add_argument("--lookup-max", type=int, default=d.lookup_max,
@@ -94,9 +99,17 @@ def serve_config(args) -> ServeConfig:
     return ServeConfig(model=args.model, draft=args.model_draft, home=dovetail_home(), verifier=args.verifier,
                        child=child, placement=placement_config(args), host=args.host, port=args.port,
                        parallel=args.parallel, queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
+                       cors_origins=cors_origins(args.cors_origin), aliases=tuple(args.alias),
                        draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
                        device=resolve_device(args.device_draft), timeout_s=args.timeout,
                        curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key)
+
+
+def cors_origins(given: list[str] | None) -> tuple[str, ...]:
+    """--cors-origin values: none given = any origin ('*'); 'none' = no CORS."""
+    if not given:
+        return ("*",)
+    return () if given == ["none"] else tuple(given)
 
 
 def draft_config(args) -> DraftConfig:
@@ -159,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="requests generating at once, one verifier session each (default 4)")
     p.add_argument("--queue", type=int, default=64, help="requests waiting for a slot; past it 503 with Retry-After (default 64)")
     p.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"),
-                   help="require Authorization: Bearer KEY on /v1/* (default: $DOVETAIL_API_KEY, else none)")
+                   help="require Authorization: Bearer KEY on the API routes (all but /, /health and /metrics; "
+                        "default: $DOVETAIL_API_KEY, else none)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin allowed to call the API (repeat for several; default '*': any origin, as "
+                        "llama.cpp's server allows; 'none': no CORS headers). With --api-key a page still needs the key")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                   help="another model name to list in /v1/models (repeatable); requests may name any model: the one "
+                        "target answers them all, as llama.cpp's server does")
     p.add_argument("--timeout", type=float, default=LinkConfig.timeout_s,
                    help=f"seconds to wait for any verifier reply (default {LinkConfig.timeout_s:g})")
 
@@ -191,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", default=None,
                    help="tree shapes TOPK:DEPTH:TOKENS,... for the tree rows of the draft LM and of every head, one row "
                         "each (a sweep; default 2:4:8 for the draft LM, 4:5:8 for heads)")
-    p.add_argument("--draft-max", type=int, default=DraftConfig.draft_max,
-                   help=f"cap on a dovetail chain's length (default {DraftConfig.draft_max}; the cost model picks below it)")
+    p.add_argument("--draft-max", type=int, default=None,
+                   help=f"cap on a dovetail chain's length (default {DRAFT_MAX}, up to {WIDEST} on a flat curve; the cost model "
+                        "picks below it)")
     p.add_argument("--cost-model", default="on", choices=["on", "off", "both"],
                    help="dovetail rows sized by the cost model (on, default), fixed shapes (off: chains stop by draft "
                         "confidence, trees are sent whole; rows named ...-fixed; for sweeps of exact tree sizes), or both")

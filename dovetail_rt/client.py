@@ -17,6 +17,7 @@ import torch
 
 from . import protocol, store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
+from .cost import sized
 from .drafter import Feedback, make_drafter, open_draft
 from .ngram import Lookup
 from .protocol import Message, MsgType
@@ -139,8 +140,8 @@ class Client:
         self.session, self.drafter, self._generation = None, None, 0
         try:
             self.target = self._hello()
-            self.drafter = make_drafter(model, draft_config, self.target.verify_curve)
-            self.drafter_config = draft_config
+            self.drafter_config = sized(draft_config, self.target.verify_curve)  # its caps set for the curve
+            self.drafter = make_drafter(model, self.drafter_config, self.target.verify_curve)
             if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
                 self.tokenizer = _local_tokenizer(self.target.model, home or dovetail_home())
             missing = self._missing_capability(draft_config)
@@ -252,8 +253,9 @@ class Client:
         self.close()
 
     def configure(self, config: DraftConfig) -> None:
-        """Draft settings for the generations that follow (a server request's own speculation settings)."""
-        self.drafter_config = self.drafter.config = config
+        """Draft settings for the generations that follow (a server request's own speculation settings);
+        the caps it leaves open are set for the verifier's curve."""
+        self.drafter_config = self.drafter.config = sized(config, self.target.verify_curve)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(

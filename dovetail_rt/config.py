@@ -132,6 +132,10 @@ class PlacementConfig:
             parse_cpulist(self.cpus)  # a malformed list fails here, in the parent, with its message
 
 
+DRAFT_MAX = 16  # the chain cap where the verification curve is steep or unknown (8/16/24 measured alike there)
+TREE_TOKENS = 8  # the tree size there, root included (bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms, 2-core AMD)
+
+
 @dataclass(frozen=True)
 class DraftConfig:
     """How the draft side proposes tokens.
@@ -145,22 +149,22 @@ class DraftConfig:
     the size the cost model prefers.
     """
 
-    draft_max: int = 16  # a cap: the cost model picks the length below it (8/16/24 measured alike here)
+    draft_max: int | None = None  # a cap (None: cost.sized sets it from the curve); the cost model picks below it
     draft_min: int = 0
     p_min: float = 0.4
     adaptive: bool = True  # size chains and trees from the cost model once it has measurements
     tree_top_k: int | None = None  # None: the draft kind's default (small LM: 1 = chains; head: 4)
     tree_depth: int = 5
-    tree_tokens: int = 8  # root included; measured bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms on the 2-core dev CPU
+    tree_tokens: int | None = None  # root included; None: cost.sized sets it from the curve
     lookup_min: int = 1  # n-gram lookup (-md ngram): the shortest and longest context tail it matches
     lookup_max: int = 8
 
     def __post_init__(self):
-        if not 0 <= self.draft_min <= self.draft_max:
+        if not 0 <= self.draft_min <= (DRAFT_MAX if self.draft_max is None else self.draft_max):
             raise ValueError(f"need 0 <= --draft-min <= --draft-max, got {self.draft_min} and {self.draft_max}")
         if not 0 <= self.p_min <= 1:
             raise ValueError(f"--draft-p-min must be in [0, 1], got {self.p_min}")
-        if (self.tree_top_k is not None and self.tree_top_k < 1) or self.tree_depth < 1 or self.tree_tokens < 2:
+        if (self.tree_top_k is not None and self.tree_top_k < 1) or self.tree_depth < 1 or (self.tree_tokens or 2) < 2:
             raise ValueError("trees need top_k >= 1, depth >= 1 and tokens >= 2")
         if not 1 <= self.lookup_min <= self.lookup_max:
             raise ValueError(f"need 1 <= --lookup-min <= --lookup-max, got {self.lookup_min} and {self.lookup_max}")
@@ -186,6 +190,8 @@ class ServeConfig:
     parallel: int = 4  # requests generating at once (one verifier session each)
     queue: int = 64  # requests waiting for a slot; past it: 503 with Retry-After
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)  # browser origins allowed to call the API (() = none)
+    aliases: tuple[str, ...] = ()  # more model names /v1/models lists (any name is answered)
     draft_config: DraftConfig = DraftConfig()
     draft_engine: str = "auto"
     draft_dtype: str = "auto"

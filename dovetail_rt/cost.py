@@ -33,12 +33,37 @@ token and one more verified position).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from . import tree
+from .config import DRAFT_MAX, TREE_TOKENS, DraftConfig
 
 EMA = 0.2
 PROBE_EVERY = 16
 PROBE_MAX = 256
+FLAT = 2.0  # a curve is flat up to the q it verifies for at most this many one-token steps
+WIDEST = 32  # the largest draft the caps grow to on a flat curve
+
+
+def flat_width(verify_curve: dict | None) -> int:
+    """The largest measured q (<= WIDEST) that verifies for at most FLAT one-token steps; 1 for no curve.
+    On 2 cores with a 4-bit llama.cpp target it is 2 (AMD EPYC, DESIGN.md §7); torch bfloat16 on an
+    AMX Xeon verifies 32 tokens for 1.2x one (§8)."""
+    curve = {int(q): float(t) for q, t in (verify_curve or {}).items()}
+    if 1 not in curve:
+        return 1
+    return max([q for q, t in curve.items() if q <= WIDEST and t <= FLAT * curve[1]], default=1)
+
+
+def sized(config: DraftConfig, verify_curve: dict | None) -> DraftConfig:
+    """``config`` with the caps it leaves open (draft_max / tree_tokens None) set for this curve:
+    DRAFT_MAX / TREE_TOKENS where the curve is steep or unknown, as wide as the curve stays flat (up to
+    WIDEST) where it is flat. The caps only bound what a draft may grow: the cost model still sizes
+    every draft below them from the curve, the draft time and the acceptance."""
+    width = flat_width(verify_curve)
+    return replace(config,
+                   draft_max=max(DRAFT_MAX, width) if config.draft_max is None else config.draft_max,
+                   tree_tokens=max(TREE_TOKENS, width) if config.tree_tokens is None else config.tree_tokens)
 
 
 class CostModel:

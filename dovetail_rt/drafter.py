@@ -20,7 +20,7 @@ import torch
 
 from . import lm, ngram, tree
 from .config import DraftConfig
-from .cost import CostModel, raw_chances_by_depth
+from .cost import CostModel, raw_chances_by_depth, sized
 from .tree import DraftTree
 
 
@@ -84,7 +84,7 @@ class NoDraft(Drafter):
     wants_features = False
     max_positions = 1 << 30
     kind = "none"
-    config = DraftConfig()
+    config = DraftConfig(draft_max=0, tree_tokens=2)  # never read: it drafts nothing
 
     def close(self) -> None:
         pass
@@ -115,7 +115,7 @@ class DraftLM(Drafter):
     kind = "lm"
 
     def __init__(self, model: lm.LM, config: DraftConfig, verify_curve: dict | None = None):
-        self.lm, self.config = model, config
+        self.lm, self.config = model, sized(config, verify_curve)
         self.cost = CostModel(verify_curve)
         self.last_predicted: list[float] = []  # the last draft's own chances per depth
         self.max_positions = model.info.max_positions
@@ -325,7 +325,8 @@ def share(draft):
 def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
     """The draft kind for an opened draft (``open_draft``): a lookup, a lookup-or-model choice, a
     feature head, a standalone LM, or None = no draft (the target decodes one token per step: the
-    baseline the bench calls `target`)."""
+    baseline the bench calls `target`). Each kind sets the caps ``config`` leaves open for the curve
+    (``cost.sized``: wider where the verifier's curve is flat)."""
     from .draft_head import DraftHead
 
     if model is None:
@@ -360,7 +361,7 @@ class HeadDrafter(Drafter):
     max_positions = 1 << 30  # the head's cache grows with the committed pairs; the target's context limits
 
     def __init__(self, head, config: DraftConfig, verify_curve: dict | None = None):
-        self.head, self.config = head, config
+        self.head, self.config = head, sized(config, verify_curve)
         self.cost, self.last_predicted = CostModel(verify_curve), []  # sizes the trees
         self.reset()
 

@@ -75,9 +75,10 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def open_model(spec: str, home: Path, dtype: str = "auto", device: str = "cpu", model=None, tokenizer=None,
-               **_ignored) -> "TorchLM":
+               n_ctx: int | None = None, **_ignored) -> "TorchLM":
     """Open ``spec`` with transformers; ``dtype`` auto / float32 / bfloat16 / float16 / int8 (dynamic
-    quantization, CPU only). ``model`` wraps an already-built module instead (tests, the bench)."""
+    quantization, CPU only). ``model`` wraps an already-built module instead (tests, the bench).
+    ``n_ctx``: the most tokens one session holds (default: the model's own limit)."""
     if model is None:
         if dtype == "int8":
             if device != "cpu":
@@ -90,7 +91,7 @@ def open_model(spec: str, home: Path, dtype: str = "auto", device: str = "cpu", 
     else:
         model = model.to(device).eval()
         fmt = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return TorchLM(model, tokenizer, spec, fmt)
+    return TorchLM(model, tokenizer, spec, fmt, n_ctx)
 
 
 def _rows(head) -> int:
@@ -102,14 +103,15 @@ def _rows(head) -> int:
 class TorchLM:
     """One transformers model; sessions share its weights and own their caches."""
 
-    def __init__(self, model, tokenizer, name: str, weight_format: str):
+    def __init__(self, model, tokenizer, name: str, weight_format: str, n_ctx: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
+        trained = getattr(cfg, "max_position_embeddings", 1 << 20)
         self.info = ModelInfo(
             name=name, engine="torch", path=str(getattr(cfg, "_name_or_path", name) or name), weight_format=weight_format,
             vocab=store.vocab_strings(tokenizer), vocab_size=_rows(model.get_output_embeddings()),
             hidden_size=cfg.hidden_size, eos=eos_ids(model, tokenizer),
-            max_positions=getattr(cfg, "max_position_embeddings", 1 << 20), batches=True,
+            max_positions=min(n_ctx or trained, trained), batches=True,
         )
 
     def session(self, features: bool = False) -> "TorchSession":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from . import tree
 from .config import DraftConfig
-from .cost import PROBE_EVERY, PROBE_MAX, CostModel
+from .cost import PROBE_EVERY, PROBE_MAX, CostModel, sized
 from .tree import DraftTree
 
 SCAN = 64  # occurrences looked at per source and step, the most recent first
@@ -247,7 +247,7 @@ class NgramDrafter:
     kind = "ngram"
 
     def __init__(self, source: Lookup, config: DraftConfig, verify_curve: dict | None = None):
-        self.source, self.config = source, config
+        self.source, self.config = source, sized(config, verify_curve)
         self.verify = CostModel(verify_curve)  # T_V(q), prior from the curve, learned from every step
         self.runs = {b: RunLength(PRIOR_STEPS * r, PRIOR_STEPS * (1 - r)) for b, r in PRIOR_RATES.items()}
         self.context = TokenIndex()

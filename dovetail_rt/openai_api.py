@@ -7,64 +7,90 @@ per-request ``speculative`` object and its ``timings`` block are kept too. No so
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
+log = logging.getLogger(__name__)
 
 UNSUPPORTED = {  # fields clients send at their neutral value by default; any other value is refused
     "presence_penalty": "penalties are not supported (they would change the target's distribution)",
     "frequency_penalty": "penalties are not supported (they would change the target's distribution)",
-    "logprobs": "logprobs are not supported",
+    "logprobs": "logprobs are not supported yet",
+    "top_logprobs": "logprobs are not supported yet",
     "echo": "echo is not supported",
+    "response_format": "only response_format {'type': 'text'} is supported (structured output is not yet)",
+    "tools": "tools are not supported yet",
+    "tool_choice": "tool_choice is not supported yet (tools are not)",
+    "grammar": "grammars are not supported yet",
+    "json_schema": "json_schema is not supported yet",
 }
+_ignored: set[str] = set()  # unknown field names already logged (once per name per process)
 
 
 def refuse_if_set(value, info):
-    if value:
+    neutral = value in (None, False, 0, [], {}, "", "none", "auto") or value == {"type": "text"}
+    if not neutral:
         raise ValueError(UNSUPPORTED[info.field_name])
     return value
 
 
-class Speculative(BaseModel):
+class Lenient(BaseModel):
+    """A request part that ignores the fields it does not know, as llama.cpp's server and vLLM do
+    (clients send their own extras: ``timings_per_token``, ``id_slot``, ``return_tokens``, ...); each
+    unknown name is logged once. Known fields with values we cannot honour are refused by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _drop_unknown(self):
+        for name in list(self.model_extra or {}):
+            if name not in _ignored:
+                _ignored.add(name)
+                log.info("ignoring the request field '%s' (not used by dovetail serve)", name)
+            del self.model_extra[name]
+        return self
+
+
+class Speculative(Lenient):
     """llama.cpp's per-request speculation settings: ``n_max`` 0 turns drafting off."""
 
-    model_config = ConfigDict(extra="forbid")
     n_max: int | None = Field(default=None, ge=0, le=128)
     n_min: int | None = Field(default=None, ge=0, le=128)
     p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Message(Lenient):
     role: str
     content: str | list[dict] | None = None
     name: str | None = None
 
     def text(self) -> str:
-        """The message's text; content parts other than text are refused."""
+        """The message's text; text parts are joined with newlines (as llama.cpp and vLLM do); parts of
+        other types are refused."""
         if isinstance(self.content, list):
             parts = []
             for part in self.content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError(f"content parts of type '{part.get('type')}' are not supported: text only")
                 parts.append(part["text"])
-            return "".join(parts)
+            return "\n".join(parts)
         return self.content or ""
 
 
-class Sampling(BaseModel):
-    """What both endpoints take. Unknown fields are refused with a 400 that names them."""
+class Sampling(Lenient):
+    """What both endpoints take. Unknown fields are ignored; known ones we cannot honour are a 400."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    n_predict: int | None = Field(default=None, ge=-1)  # llama.cpp's name for max_tokens (-1: no limit)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -79,6 +105,12 @@ class Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    grammar: str | None = None
+    json_schema: dict | None = None
 
     @field_validator("n")
     @classmethod
@@ -87,7 +119,8 @@ class Sampling(BaseModel):
             raise ValueError("only n = 1 is supported (one choice per request)")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty", "logprobs")
+    @field_validator("presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format", "tools",
+                     "tool_choice", "grammar", "json_schema")
     @classmethod
     def neutral(cls, v, info):
         return refuse_if_set(v, info)
@@ -103,31 +136,51 @@ class Sampling(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def asked_tokens(self) -> int | None:
+        """max_tokens, else llama.cpp's n_predict (-1 or absent: none)."""
+        return self.max_tokens or (self.n_predict if self.n_predict and self.n_predict > 0 else None)
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     def limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens or self.asked_tokens()
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
 
-    @field_validator("echo")
+    @field_validator("echo")  # its own name: a validator named like Sampling's would replace that one
     @classmethod
-    def neutral(cls, v, info):
+    def no_echo(cls, v, info):
         return refuse_if_set(v, info)
 
     def limit(self) -> int | None:
-        return self.max_tokens or 16  # OpenAI's default for completions
+        if self.n_predict == -1 and not self.max_tokens:
+            return None  # llama.cpp's "until the context is full"
+        return self.asked_tokens() or 16  # OpenAI's default for completions
 
 
-def error(message: str, kind: str = "invalid_request_error", code: int | str = 400, param: str | None = None) -> dict:
-    """An OpenAI error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def error(message: str, kind: str = "invalid_request_error", code: int | str = 400, param: str | None = None,
+          **extra) -> dict:
+    """An OpenAI error object (``extra``: llama.cpp's additions, e.g. ``n_prompt_tokens`` and ``n_ctx``)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}
+
+
+class ContextOverflow(ValueError):
+    """A prompt that leaves no room to generate: OpenAI's code, llama.cpp's two numbers."""
+
+    def __init__(self, n_prompt: int, n_ctx: int):
+        super().__init__(f"the prompt has {n_prompt} tokens and the context holds {n_ctx}: shorten it "
+                         "(or start the server with a larger -c)")
+        self.n_prompt, self.n_ctx = n_prompt, n_ctx
+
+    def body(self, param: str) -> dict:
+        return error(str(self), code="context_length_exceeded", param=param, n_prompt_tokens=self.n_prompt,
+                     n_ctx=self.n_ctx)
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -154,21 +207,34 @@ def timings(stats) -> dict:
 
 
 def usage(stats) -> dict:
+    """OpenAI's usage block; ``cached_tokens`` is 0: every request prefills its whole prompt (a
+    session's cache is not reused across requests)."""
     return {"prompt_tokens": stats.n_prompt, "completion_tokens": stats.n_generated,
-            "total_tokens": stats.n_prompt + stats.n_generated}
+            "total_tokens": stats.n_prompt + stats.n_generated, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def fingerprint(*parts: str) -> str:
+    """``system_fingerprint``: what served the request (our version, the target, its engine and format);
+    the same configuration always gives the same one."""
+    import hashlib
+
+    from . import __version__
+
+    return "fp_" + hashlib.sha256("|".join((__version__, *parts)).encode()).hexdigest()[:12]
 
 
 class Reply:
     """The bodies of one response, chat or completion, whole or as stream chunks."""
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, system_fingerprint: str = ""):
+        self.chat, self.model, self.system_fingerprint = chat, model, system_fingerprint
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint}
 
     def whole(self, text: str, finish: str, stats) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}

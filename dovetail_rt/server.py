@@ -27,6 +27,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.background import BackgroundTask
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -34,6 +36,7 @@ from . import openai_api as api
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
+PUBLIC = {"/", "/health", "/metrics"}  # routes open without the API key
 
 
 class Unavailable(Exception):
@@ -118,6 +121,7 @@ class Backend:
         self.idle: list = []  # Clients free now (touched on the event loop only)
         self.waiters: deque[asyncio.Future] = deque()  # requests waiting for one, first come first served
         self.tokenizer, self.model_id, self.max_positions = None, config.model, 1 << 30
+        self.fingerprint = ""  # system_fingerprint: what serves (set at load)
 
     def start(self) -> None:
         """In the thread that lives as long as the server (the verifier child dies with it): start the
@@ -200,6 +204,7 @@ class Backend:
                 raise RuntimeError(f"no tokenizer for {cfg.model}: the server needs one for text")
             self.model_id = first.target.model or cfg.model
             self.max_positions = first.context_limit
+            self.fingerprint = api.fingerprint(self.model_id, first.target.engine, first.target.dtype)
             warm = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
             for c in self.clients:  # a session's first step allocates the engine's buffers: not in a request
                 c.generate(warm, 2)
@@ -277,7 +282,7 @@ class Generation:
         self.stats = GenerationStats(n_prompt=len(ids))
         left = backend.max_positions - len(ids)
         if left < 1:
-            raise ValueError(f"the prompt has {len(ids)} tokens and the context holds {backend.max_positions}")
+            raise api.ContextOverflow(len(ids), backend.max_positions)
         self.max_new = min(req.limit() or left, left)
         spec = req.speculative
         self.max_draft = spec.n_max if spec and spec.n_max is not None else None
@@ -410,6 +415,19 @@ def create_app(config: ServeConfig) -> FastAPI:
         message, field = api.validation_message(exc.errors())
         return fail(400, message, param=field)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # the framework's own 404 / 405: OpenAI's shape
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = {404: f"no route {request.method} {request.url.path}: the API is at /v1 (chat/completions, "
+                        "completions, models)",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return fail(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        log.exception("the request failed")
+        return fail(500, f"internal error: {exc}", "server_error")
+
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
@@ -417,10 +435,14 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and request.url.path not in PUBLIC:
             if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
                 return fail(401, "invalid or missing API key: send Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
+
+    if config.cors_origins:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=config.cors_origins != ("*",))
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -442,16 +464,15 @@ def create_app(config: ServeConfig) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
         backend.check()
-        return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": 0,
-                                            "owned_by": "dovetail_rt"}]}
+        names = dict.fromkeys((backend.model_id, *config.aliases))
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dovetail_rt"}
+                                           for name in names]}
 
     async def complete(req, chat: bool):
-        backend.check()
-        if req.model and req.model not in (backend.model_id, config.model):
-            return fail(404, f"the model '{req.model}' does not exist: this server serves '{backend.model_id}'",
-                        param="model", kind="invalid_request_error")
+        backend.check()  # any model name is answered: one target serves them all (as llama.cpp's server does)
         try:
             ids = await asyncio.to_thread(encode, backend, req)
         except (ValueError, TypeError) as exc:
@@ -465,11 +486,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics.running.inc()
         try:
             gen = Generation(backend, client, ids, req, asyncio.get_running_loop())
-        except ValueError as exc:
+        except api.ContextOverflow as exc:
             metrics.running.dec()
             backend.release(client)
-            return fail(400, str(exc), param="messages" if chat else "prompt")
-        reply = api.Reply(chat, backend.model_id)
+            return JSONResponse(exc.body("messages" if chat else "prompt"), status_code=400)
+        reply = api.Reply(chat, backend.model_id, backend.fingerprint)
         if req.stream:  # abandoned after the response too: it may end before the body starts (client gone)
             return StreamingResponse(stream(gen, req, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -506,10 +527,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield api.DONE
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")  # llama.cpp serves both; a client whose base URL is the host root posts here
     async def chat_completions(req: api.ChatRequest):
         return await complete(req, chat=True)
 
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(req: api.CompletionRequest):
         return await complete(req, chat=False)
 

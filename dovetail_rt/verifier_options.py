@@ -28,7 +28,8 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
                    help="torch engine's target dtype; auto = bfloat16 where the CPU has AVX-512 BF16 or AMX, else "
                         "float32 (the llama.cpp engine runs the file's own weight format)")
     g.add_argument("-c", "--ctx-size", type=int, default=VerifierConfig.n_ctx,
-                   help=f"llamacpp engine: KV cache tokens per session, prompt + output (default {VerifierConfig.n_ctx})")
+                   help=f"the most tokens one session holds, prompt + output (default {VerifierConfig.n_ctx}; "
+                        "a longer prompt is refused at once)")
     g.add_argument("--max-sessions", type=int, default=None,
                    help="draft sessions served at once; past it a new one is refused as busy, with when to retry "
                         f"(default {VerifierConfig.max_sessions}; serve: --parallel + 1)")

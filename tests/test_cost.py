@@ -2,7 +2,8 @@
 
 import pytest
 
-from dovetail_rt.cost import CostModel
+from dovetail_rt.config import DRAFT_MAX, TREE_TOKENS, DraftConfig
+from dovetail_rt.cost import CostModel, flat_width, sized
 
 # bf16 1.5B forward times on the 2-core dev machine (DESIGN.md section 4), seconds
 CURVE = {1: 0.218, 2: 0.239, 4: 0.286, 8: 0.371, 16: 0.512}
@@ -147,3 +148,34 @@ def test_drafting_switches_off_where_verifying_costs_more_than_it_earns():
         cost.observe(1 if drafts else 0, 0, [0.5] if drafts else [], 0.078 if drafts else 0.043, 0.03 if drafts else 0.0)
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert probes[0] == PROBE_EVERY and gaps == sorted(gaps) and gaps[-1] > 2 * PROBE_EVERY
+
+
+# measured curves (ms; DESIGN.md §7 and §8): llama.cpp Q4_K_M on the 2-core AMD EPYC, torch bfloat16 on
+# the 2-core AMX Xeon
+STEEP = {1: 26.8, 2: 49.0, 4: 80.0, 8: 131.5, 12: 162.6, 16: 158.6, 24: 244.7, 32: 285.8}
+FLAT = {1: 227.3, 2: 224.2, 4: 225.6, 8: 223.9, 16: 242.4, 32: 275.2}
+
+
+def test_draft_caps_widen_where_the_curve_is_flat():
+    assert flat_width(STEEP) == 2 and flat_width(FLAT) == 32 and flat_width(None) == 1
+    assert (sized(DraftConfig(), None).draft_max, sized(DraftConfig(), None).tree_tokens) == (DRAFT_MAX, TREE_TOKENS)
+    assert (sized(DraftConfig(), STEEP).draft_max, sized(DraftConfig(), STEEP).tree_tokens) == (DRAFT_MAX, TREE_TOKENS)
+    assert (sized(DraftConfig(), FLAT).draft_max, sized(DraftConfig(), FLAT).tree_tokens) == (32, 32)
+    mine = DraftConfig(draft_max=5, tree_tokens=6)  # caps the user set stay
+    assert (sized(mine, FLAT).draft_max, sized(mine, FLAT).tree_tokens) == (5, 6)
+
+
+def test_a_likely_wide_draft_is_sent_whole_only_on_a_flat_curve():
+    chances = [0.97 ** (j + 1) for j in range(31)]  # a long lookup match
+    flat, steep = CostModel({q: t / 1000 for q, t in FLAT.items()}), CostModel({q: t / 1000 for q, t in STEEP.items()})
+    assert flat.tree_size(chances, 0.0) == 31
+    assert steep.tree_size(chances, 0.0) < 31
+
+
+def test_every_draft_kind_takes_the_wide_caps_from_its_curve():
+    from dovetail_rt.ngram import Lookup, NgramDrafter
+
+    drafter = NgramDrafter(Lookup(), DraftConfig(adaptive=False), {q: t / 1000 for q, t in FLAT.items()})
+    assert drafter.config.draft_max == 32
+    context = list(range(40)) * 3  # the prompt repeats itself: the lookup may propose 32 tokens (unsized)
+    assert len(drafter.propose(context, budget=100).tokens) > DRAFT_MAX

@@ -25,6 +25,7 @@ from dovetail_rt import lm  # noqa: E402
 from conftest import ROOT, engine_greedy, noisy_copy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
 
 KEY = "test-key"
+CTX = 320  # the served context (-c): the tiny model itself holds 512
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}w1"  # a tiny chat template: the turns, then w1
 
 
@@ -97,7 +98,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir, "-md", "ngram", "--parallel", "2", "--queue", "1", "--api-key", KEY, "--engine", "torch")
+    s = Server(model_dir, "-md", "ngram", "--parallel", "2", "--queue", "1", "--api-key", KEY, "--engine", "torch",
+               "-c", str(CTX), "--alias", "my-alias")
     try:
         s.wait_ready()
         yield s
@@ -198,10 +200,11 @@ def test_errors_are_openai_error_objects(server, client):
     msgs = [{"role": "user", "content": "w2"}]
     status, _, body = post(url, {"messages": msgs, "n": 2})
     assert status == 400 and body["error"]["param"] == "n" and "n = 1" in body["error"]["message"]
-    status, _, body = post(url, {"messages": msgs, "tools": []})
-    assert status == 400 and "'tools' is not a supported field" in body["error"]["message"]
-    status, _, body = post(url, {"messages": msgs, "model": "gpt-4"})
-    assert status == 404 and "gpt-4" in body["error"]["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    status, _, body = post(url, {"messages": msgs, "tools": [tool]})  # known, not yet honoured: refused by name
+    assert status == 400 and body["error"]["param"] == "tools" and "tools" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "response_format": {"type": "json_object"}})
+    assert status == 400 and body["error"]["param"] == "response_format"
     status, _, body = post(url, {"messages": msgs}, key="wrong")
     assert status == 401 and body["error"]["type"] == "authentication_error"
     status, _, body = post(url, {"messages": []})
@@ -214,14 +217,67 @@ def test_errors_are_openai_error_objects(server, client):
     assert status == 400 and body["error"]["param"] == "presence_penalty" and "penalties" in body["error"]["message"]
     status, _, body = post(server.url + "/v1/completions", {"prompt": "w5", "echo": True})
     assert status == 400 and body["error"]["param"] == "echo"
+    for field, value in (("presence_penalty", 0.5), ("frequency_penalty", 1.0), ("logprobs", 5)):  # refused by
+        status, _, body = post(server.url + "/v1/completions", {"prompt": "w5", field: value})  # completions too
+        assert status == 400 and body["error"]["param"] == field, (field, status, body)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, top_p=0)
+
+
+@pytest.mark.timeout(120)
+def test_what_llama_cpp_and_vllm_clients_send_is_answered(server, client, target):
+    """Any model name, fields we do not use, routes without /v1, CORS, and the response fields clients read."""
+    text = "w5 w7 w9 w11 w5 w7"
+    want, _ = expected_text(target, chat_ids(text), 8)
+    msgs = [{"role": "user", "content": text}]
+    for name in ("gpt-3.5-turbo-instruct", "davinci-002", "my-alias"):  # one target answers every name
+        out = client.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
+        assert out.choices[0].message.content == want, name
+    assert out.system_fingerprint.startswith("fp_") and out.usage.prompt_tokens_details.cached_tokens == 0
+    extras = {"timings_per_token": True, "return_tokens": True, "id_slot": 0, "cache_prompt": True,
+              "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    status, _, body = post(server.url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 8, "temperature": 0,
+                                                                 "stream": True, **extras})
+    assert status == 200 and "[DONE]" in body
+    status, _, body = post(server.url + "/v1/completions", {"prompt": "w5 w7 w9", "n_predict": 6, "temperature": 0,
+                                                            "timings_per_token": True})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 6  # llama.cpp's n_predict
+    root = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0)  # posts to /chat/completions
+    assert root.chat.completions.create(model="x", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content == want
+    assert root.completions.create(model="x", prompt="w5 w7 w9", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    status, _, body = post(server.url + "/v2/nothing", {})
+    assert status == 404 and body["error"]["type"] == "not_found_error" and "/v1" in body["error"]["message"]
+    status, body = get(server.url + "/v1/chat/completions", key=KEY)
+    assert status == 405 and set(body["error"]) >= {"message", "type", "code"}
+    preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    with urllib.request.urlopen(preflight, timeout=30) as r:  # no key: a browser's preflight carries none
+        assert r.status == 200 and r.headers["access-control-allow-origin"] in ("*", "http://localhost:3000")
+        assert "POST" in r.headers["access-control-allow-methods"]
+    status, headers, _ = post(server.url + "/v1/completions", {"prompt": "w5", "max_tokens": 1}, key=None)
+    assert status == 401 and headers.get("access-control-allow-origin") is None  # no Origin: no CORS headers
+
+
+@pytest.mark.timeout(120)
+def test_text_parts_are_joined_with_newlines_and_a_long_prompt_says_the_context(server, client, target):
+    parts = [{"type": "text", "text": "w5 w7"}, {"type": "text", "text": "w9"}]
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}], max_tokens=6,
+                                         temperature=0)
+    assert out.usage.prompt_tokens == len(chat_ids("w5 w7\nw9")) == 4  # glued, "w7w9" would be one unknown word
+    assert out.choices[0].message.content == expected_text(target, chat_ids("w5 w7\nw9"), 6)[0]
+    long = " ".join(f"w{1 + i % 90}" for i in range(CTX + 20))
+    for route, body in (("/v1/completions", {"prompt": long}), ("/v1/chat/completions",
+                                                                 {"messages": [{"role": "user", "content": long}]})):
+        status, _, err = post(server.url + route, {**body, "max_tokens": 4})
+        assert status == 400 and err["error"]["code"] == "context_length_exceeded", (route, err)
+        assert err["error"]["n_ctx"] == CTX and err["error"]["n_prompt_tokens"] >= CTX + 20
 
 
 @pytest.mark.timeout(60)
 def test_models_and_metrics(server, client):
     models = client.models.list()
-    assert [m.id for m in models.data] == [models.data[0].id] and models.data[0].id
+    assert [m.id for m in models.data] == [models.data[0].id, "my-alias"] and models.data[0].id
     _, before = get(server.url + "/metrics")
     client.completions.create(model=models.data[0].id, prompt="w4 w5 w6 w4 w5 w6 w4 w5", max_tokens=12, temperature=0)
     _, after = get(server.url + "/metrics")
@@ -329,7 +385,7 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, target, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    assert reply == expected_text(target, chat_ids(text), 512 - len(chat_ids(text)))[0]
+    assert reply == expected_text(target, chat_ids(text), CTX - len(chat_ids(text)))[0]
     assert re.fullmatch(r"\d+ tokens, [\d.]+ tok/s, tau [\d.]+, acceptance (\d+%|-) \(\d+/\d+ drafted\), .*", stats), stats
     assert shot.stat().st_size > 5000
     print(f"chat page screenshot: {shot}")
