@@ -104,6 +104,26 @@ class GenerationStats:
 class Generation:
     token_ids: list[int]  # generated ids only
     stats: GenerationStats
+    logprobs: list["TokenLogprob"] = field(default_factory=list)  # one per generated id, when asked for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's own log-probability of a generated token (raw: before temperature, top-k and
+    top-p) and its most likely alternatives, (id, logprob), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _logprobs(reply: Message) -> list[TokenLogprob]:
+    """A RESULT's log-probabilities, one per new token (accepted, then the bonus)."""
+    t = reply.tensors
+    if "logprobs" not in t:
+        raise VerifierError("bad_reply", "the verifier sent no logprobs although they were asked for")
+    chosen = t["logprobs"].tolist()
+    ids, lps = (t["top_ids"].tolist(), t["top_logprobs"].tolist()) if "top_ids" in t else ([[]] * len(chosen),) * 2
+    return [TokenLogprob(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids, lps)]
 
 
 class Client:
@@ -268,17 +288,20 @@ class Client:
         seed: int | None = None,
         on_tokens=None,
         stop_at_eos: bool = True,
+        logprobs: int | None = None,
     ) -> Generation:
         """Speculative generation; the output is exactly the target's (greedy: same tokens;
-        sampling: same distribution), up to the target engine's own rounding across batch sizes
-        (llama.cpp's quantized kernels: see the README's Engines section). ``on_tokens(list[int])``
-        sees each accepted batch."""
-        stats, out = GenerationStats(n_prompt=len(input_ids)), []
-        for tokens in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats):
+        sampling: same distribution; with a seed, the target's own tokens for that seed), up to the
+        target engine's own rounding across batch sizes (llama.cpp's quantized kernels: see the
+        README's Engines section). ``on_tokens(list[int])`` sees each accepted batch. ``logprobs``:
+        each token's logprob and that many alternatives (0..20) in ``Generation.logprobs``."""
+        stats, out, lps = GenerationStats(n_prompt=len(input_ids)), [], []
+        for tokens in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
+                                  logprobs=logprobs, logprobs_out=lps):
             out += tokens
             if on_tokens:
                 on_tokens(tokens)
-        return Generation(out, stats)
+        return Generation(out, stats, lps)
 
     def stream(
         self,
@@ -291,11 +314,17 @@ class Client:
         stop_at_eos: bool = True,
         stats: GenerationStats | None = None,
         max_draft: int | None = None,
+        logprobs: int | None = None,
+        logprobs_out: list | None = None,
     ) -> Iterator[list[int]]:
         """Speculative generation as a generator: yields each batch of tokens as the target accepts
         them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs;
-        ``max_draft`` caps the draft tokens per step (0: no drafting). One generation at a time per
-        Client (it owns one verifier session): starting another makes the older generator raise."""
+        ``max_draft`` caps the draft tokens per step (0: no drafting). ``logprobs`` (0..20): the
+        verifier sends each new token's ``TokenLogprob`` with that many alternatives, appended to
+        ``logprobs_out`` before its batch is yielded. One generation at a time per Client (it owns
+        one verifier session): starting another makes the older generator raise."""
+        if logprobs is not None and logprobs_out is None:
+            raise ValueError("logprobs needs a logprobs_out list to fill")
         if not input_ids:
             raise ValueError("input_ids is empty: give at least one prompt token")
         if max_new_tokens < 1:
@@ -311,15 +340,18 @@ class Client:
         self._generation += 1
         stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
         return self._steps(list(input_ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
-                           self._generation, 1 << 30 if max_draft is None else max_draft)
+                           self._generation, 1 << 30 if max_draft is None else max_draft, logprobs_out if
+                           logprobs is not None else None, logprobs)
 
     def _steps(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
-               generation: int, max_draft: int) -> Iterator[list[int]]:
+               generation: int, max_draft: int, lps: list | None, logprobs: int | None) -> Iterator[list[int]]:
         eos = set(self.target.eos) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
         start = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "seed": seed,
                  "features": self.drafter.wants_features}
+        if logprobs is not None:  # only what is asked crosses the link
+            start["logprobs"] = int(logprobs)
         try:
             reply = self._request(Message(MsgType.START, fields=dict(start, session=self.session, prompt=list(input_ids))))
         except (transport.LinkLost, VerifierError) as exc:
@@ -330,6 +362,8 @@ class Client:
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
         take = _until_done([reply.fields["bonus"]], left, eos)
+        if lps is not None:
+            lps += _logprobs(reply)[: len(take)]
         try:
             while take:
                 committed += take
@@ -354,9 +388,11 @@ class Client:
                     if not self._lost(exc):
                         raise
                     stats.resumed += 1  # the target prefills what is committed and gives the next token
-                    if seed is not None:  # a seeded stream the earlier tokens did not draw from
-                        start = dict(start, seed=(seed + 1_000_003 * len(committed)) % (1 << 63))
-                    take = _until_done([self._resume(committed, start, exc).fields["bonus"]], left, eos)
+                    # (a seed goes on as it was: each position has its own draw, so the text is unchanged)
+                    reply = self._resume(committed, start, exc)
+                    take = _until_done([reply.fields["bonus"]], left, eos)
+                    if lps is not None:
+                        lps += _logprobs(reply)[: len(take)]
                     continue
                 t3 = time.perf_counter()
                 # 3 commit: accepted tokens + the target's bonus token
@@ -366,6 +402,8 @@ class Client:
                 stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind,
                                   protocol.get_int(reply, "batch", 1, None, 1))
                 take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
+                if lps is not None:
+                    lps += _logprobs(reply)[: len(take)]
         finally:  # done, or closed early: a drafter that keeps outputs (the lookup's index) gets the last batch
             if generation == self._generation:
                 self.drafter.finish(committed)

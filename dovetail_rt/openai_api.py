@@ -13,14 +13,14 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .sampling import MAX_TOP_LOGPROBS
+
 
 log = logging.getLogger(__name__)
 
 UNSUPPORTED = {  # fields clients send at their neutral value by default; any other value is refused
     "presence_penalty": "penalties are not supported (they would change the target's distribution)",
     "frequency_penalty": "penalties are not supported (they would change the target's distribution)",
-    "logprobs": "logprobs are not supported yet",
-    "top_logprobs": "logprobs are not supported yet",
     "echo": "echo is not supported",
     "response_format": "only response_format {'type': 'text'} is supported (structured output is not yet)",
     "tools": "tools are not supported yet",
@@ -104,8 +104,8 @@ class Sampling(Lenient):
     # accepted at their neutral values only (clients send them by default)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | int | None = None  # chat: a bool (with top_logprobs); completions: the number of alternatives
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
@@ -119,7 +119,7 @@ class Sampling(Lenient):
             raise ValueError("only n = 1 is supported (one choice per request)")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format", "tools",
+    @field_validator("presence_penalty", "frequency_penalty", "response_format", "tools",
                      "tool_choice", "grammar", "json_schema")
     @classmethod
     def neutral(cls, v, info):
@@ -145,6 +145,18 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
+    @model_validator(mode="after")
+    def _logprobs_asked(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise ValueError("logprobs is true or false in chat (the number of alternatives is top_logprobs)")
+        return self
+
+    def asked_logprobs(self) -> int | None:
+        """How many alternatives per token the verifier sends (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.asked_tokens()
 
@@ -152,6 +164,16 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def alternatives(cls, v):
+        if v is not None and (isinstance(v, bool) or not 0 <= v <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs is the number of alternatives per token, 0..{MAX_TOP_LOGPROBS}")
+        return v
+
+    def asked_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("echo")  # its own name: a validator named like Sampling's would replace that one
     @classmethod
@@ -236,19 +258,42 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": self.system_fingerprint}
 
-    def whole(self, text: str, finish: str, stats) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-                  if self.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+    def logprobs(self, entries, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs block for ``entries`` [(token text, logprob, [(text, logprob) alternatives])]:
+        chat ``{"content": [...]}``, completions ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``
+        (``offset``: where the first token's text starts in the choice's text). None: none asked."""
+        if entries is None:
+            return None
+        if self.chat:
+            def one(text, lp):
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+            return {"content": [{**one(text, lp), "top_logprobs": [one(t, v) for t, v in top]}
+                                for text, lp, top in entries], "refusal": None}
+        offsets, at = [], offset
+        for text, _, _ in entries:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+    def whole(self, text: str, finish: str, stats, logprobs=None) -> dict:
+        lp = self.logprobs(logprobs)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+                  if self.chat else {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         return {**self._head(self.object), "choices": [choice], "usage": usage(stats), "timings": timings(stats)}
 
-    def chunk(self, text: str | None = None, finish: str | None = None, first: bool = False, stats=None) -> str:
-        """One SSE event; ``stats``: the final chunk's timings."""
+    def chunk(self, text: str | None = None, finish: str | None = None, first: bool = False, stats=None,
+              logprobs=None, offset: int = 0) -> str:
+        """One SSE event; ``stats``: the final chunk's timings; ``logprobs``: the entries of the tokens
+        that came with this chunk."""
+        lp = self.logprobs(logprobs, offset)
         if self.chat:
             delta = ({"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             body = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            body = {**self._head("text_completion"), "choices": [{"index": 0, "text": text or "", "logprobs": None,
+            body = {**self._head("text_completion"), "choices": [{"index": 0, "text": text or "", "logprobs": lp,
                                                                    "finish_reason": finish}]}
         if stats is not None:
             body["timings"] = timings(stats)

@@ -20,15 +20,14 @@ def speculative_generate(
     params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
 ) -> Generation:
     """``draft``: a small LM (``lm.LM``) or any ``Drafter``."""
-    generator = torch.Generator().manual_seed(seed)
     drafter = draft if isinstance(draft, Drafter) else DraftLM(draft, draft_config)
     drafter.reset()
     stats = GenerationStats(n_prompt=len(prompt))
 
-    def target_choice(tokens, parents, logits):
+    def target_choice(tokens, parents, logits, position):
         if params.greedy:
             return sampling.accept_greedy(tokens, parents, logits.argmax(-1).tolist())
-        return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), generator)
+        return sampling.accept_sampling(tokens, parents, sampling.processed_probs(logits, params), seed, position)
 
     def target_logits(prefix, tokens, parents):
         """A fresh state: the prefix, then the tree below it; logits of every tree node."""
@@ -42,7 +41,7 @@ def speculative_generate(
             state.close()
 
     logits = target_logits(prompt[:-1], prompt[-1:], [-1])
-    _, first = target_choice([0], [-1], logits)
+    _, first = target_choice([0], [-1], logits, len(prompt))
     committed, out = list(prompt) + [first], [first]
     while len(out) < max_new_tokens:
         draft_tree = drafter.propose(committed, budget=max_new_tokens - len(out) - 1)
@@ -50,7 +49,7 @@ def speculative_generate(
         tree_tokens = [committed[-1]] + draft_tree.tokens
         tree_parents = [-1] + draft_tree.parents
         logits = target_logits(committed[:-1], tree_tokens, tree_parents)
-        path, bonus = target_choice(tree_tokens, tree_parents, logits)
+        path, bonus = target_choice(tree_tokens, tree_parents, logits, len(committed))
         new = [tree_tokens[i] for i in path] + [bonus]
         stats.n_steps += 1
         stats.n_drafted += len(draft_tree)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -83,29 +84,56 @@ def accept_greedy(tokens: list[int], parents: list[int], target_argmax: list[int
         node = match
 
 
-def accept_sampling(
-    tokens: list[int], parents: list[int], p: torch.Tensor, generator: torch.Generator
-) -> tuple[list[int], int]:
-    """Lossless acceptance of a deterministic draft tree under sampling.
+def uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) that decides the token at sequence index ``position`` of a
+    generation seeded with ``seed``: counter-based (numpy's Philox, keyed by the seed, the index as its
+    counter), so a token's draw depends on the seed and its index only: not on the draft, on the
+    lookup index, or on what ran before or beside it."""
+    return float(np.random.Generator(np.random.Philox(key=seed % (1 << 64), counter=position)).random())
 
-    At a node, try its children in order: accept child x with probability p(x); on rejection set
-    p(x) = 0 and renormalise; if every child fails, sample the correction from what is left.
-    Below the last accepted node, sample the bonus from p. p: [q, vocab] processed probabilities.
-    """
+
+def inverse_cdf(p: torch.Tensor, u: float) -> int:
+    """The token whose CDF interval holds ``u``: a sample of ``p`` ([vocab]) for a uniform ``u``;
+    tokens of probability 0 are never chosen."""
+    cdf = p.double().cumsum(0)
+    return min(int(torch.searchsorted(cdf, u * cdf[-1].item(), right=True)), p.shape[0] - 1)
+
+
+def accept_sampling(tokens: list[int], parents: list[int], p: torch.Tensor, seed: int, position: int) -> tuple[list[int], int]:
+    """Lossless acceptance of a deterministic draft tree under sampling, reproducible by seed.
+
+    At a node of depth d the target draws its own token x ~ p by inverse CDF with
+    ``uniform(seed, position + d)``; the child whose token is x is accepted and the walk goes on
+    below it; where no child is x, x is the correction (or, below a leaf, the bonus). Each accepted
+    token is exactly the target's own draw, so the output is the target's distribution and, for a
+    seed, the very tokens the target alone gives with that seed (``position``: the sequence index of
+    the token after the root). A child is accepted with probability p(x) given the path so far, as
+    in speculative sampling with a deterministic draft. p: [q, vocab] processed probabilities."""
     children = children_lists(parents)
     node, path = 0, []
     while True:
-        residual = p[node].clone()  # [vocab]
-        for child in children[node]:
-            x = tokens[child]
-            if torch.rand((), generator=generator).item() < residual[x].item():
-                path.append(child)
-                node = child
-                break
-            residual[x] = 0.0
-            residual /= residual.sum()
-        else:
-            return path, int(torch.multinomial(residual, 1, generator=generator).item())
+        x = inverse_cdf(p[node], uniform(seed, position + len(path)))
+        match = next((c for c in children[node] if tokens[c] == x), None)
+        if match is None:
+            return path, x
+        path.append(match)
+        node = match
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+def logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> dict[str, torch.Tensor]:
+    """The target's own log-probabilities of ``tokens`` (row i of ``logits`` [n, vocab] chose token
+    i) and its ``top`` most likely tokens per row: the raw distribution, before temperature, top-k
+    and top-p (vLLM's default, ``raw_logprobs``), whatever the draft did. -> tensors for RESULT:
+    ``logprobs`` [n] float32 and, when ``top`` > 0, ``top_ids`` [n, top] int32 and ``top_logprobs``."""
+    lp = torch.log_softmax(logits.float(), -1)
+    out = {"logprobs": lp.gather(-1, torch.tensor(tokens)[:, None])[:, 0].contiguous()}
+    if top > 0:
+        values, ids = lp.topk(top, -1)
+        out.update(top_ids=ids.to(torch.int32).contiguous(), top_logprobs=values.contiguous())
+    return out
 
 
 def validate_tree(parents: list[int], n_nodes: int) -> str | None:

@@ -287,6 +287,7 @@ class Generation:
         spec = req.speculative
         self.max_draft = spec.n_max if spec and spec.n_max is not None else None
         self.args = (ids, self.max_new, req.temperature, req.top_k, req.top_p, req.seed)
+        self.logprobs = req.asked_logprobs()  # alternatives per token; None: no logprobs
         self.config = client.drafter_config
         if spec and (spec.n_min is not None or spec.p_min is not None):
             self.config = replace(self.config, p_min=self.config.p_min if spec.p_min is None else spec.p_min,
@@ -322,21 +323,23 @@ class Generation:
         try:
             ids, n, temperature, top_k, top_p, seed = self.args
             before = snapshot(stats)
-            stream = self.client.stream(ids, n, temperature, top_k, top_p, seed, True, stats, self.max_draft)
+            lps = [] if self.logprobs is not None else None
+            stream = self.client.stream(ids, n, temperature, top_k, top_p, seed, True, stats, self.max_draft,
+                                        logprobs=self.logprobs, logprobs_out=lps)
             for tokens in stream:
                 before = metrics.step(before, stats)
-                self._put(("tokens", tokens))
+                self._put(("tokens", tokens, None if lps is None else self._shown(tokens, lps[-len(tokens):])))
                 if self.cancel.is_set():
                     stream.close()
                     break
-            self._put(("done", None))
+            self._put(("done", None, None))
         except Exception as exc:  # a dead verifier, a refused request: the response says so
             from .transport import LinkError
 
             if isinstance(exc, LinkError) and self.backend.child is None:  # a child's death shows in check()
                 self.backend.state, self.backend.problem = "failed", f"the verifier is unreachable: {exc}"
             log.warning("generation failed: %s", exc)
-            self._put(("error", exc))
+            self._put(("error", exc, None))
         finally:
             self.client.configure(self.backend.config.draft_config)
             metrics.prompt_tokens.inc(stats.n_prompt)
@@ -347,36 +350,47 @@ class Generation:
                 metrics.per_token.observe((stats.seconds - stats.ttft_s) / (stats.n_generated - 1))
             self._release()
 
+    def _shown(self, tokens: list[int], lps: list) -> list[tuple]:
+        """Each token's logprobs as the API shows them: (its text, logprob, [(text, logprob) alternatives])."""
+        decode = self.backend.tokenizer.decode
+        return [(decode([t]), e.logprob, [(decode([i]), v) for i, v in e.top]) for t, e in zip(tokens, lps)]
+
     async def events(self, stops: list[str]):
-        """(text, finish_reason or None) as the tokens come: text never splits a UTF-8 character or
-        shows a stop string; the last event has the finish reason."""
+        """(text, finish_reason or None, logprobs) as the tokens come: text never splits a UTF-8
+        character or shows a stop string; the last event has the finish reason. ``logprobs``: the
+        entries of the tokens that arrived with this event ([] when none came, None when none were
+        asked); the tokens past a stop string are not shown, so neither are their entries."""
         from .detok import IncrementalDetokenizer
 
         self.start()
         detok, finder = IncrementalDetokenizer(self.backend.tokenizer), api.StopFinder(stops)
         eos = set(self.client.target.eos)
-        last = None
+        last, pending = None, None if self.logprobs is None else []
         while True:
-            kind, value = await self.out.get()
+            kind, value, shown = await self.out.get()
             if kind == "error":
                 raise value
             if kind == "done":
                 break
             last = value[-1]
+            if pending is not None:
+                pending += shown
             text = finder.push(detok.push(value))
             if finder.stopped:
                 self.cancel.set()
                 while (await self.out.get())[0] not in ("done", "error"):
                     pass  # the step in flight: the stats are final once the worker is done
-                yield text, "stop"
+                yield text, "stop", pending
                 return
             if text:
-                yield text, None
+                yield text, None, pending
+                pending = None if pending is None else []
         text = finder.push(detok.flush())
         if finder.stopped:
-            yield text, "stop"
+            yield text, "stop", pending
             return
-        yield text + finder.flush(), "stop" if last in eos or self.stats.n_generated < self.max_new else "length"
+        yield (text + finder.flush(), "stop" if last in eos or self.stats.n_generated < self.max_new else "length",
+               pending)
 
 
 def encode(backend: Backend, req) -> list[int]:
@@ -495,10 +509,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             return StreamingResponse(stream(gen, req, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(gen.abandon))
-        text, finish = [], None
+        text, finish, logprobs = [], None, None if gen.logprobs is None else []
         try:
-            async for piece, finish in gen.events(req.stops()):
+            async for piece, finish, shown in gen.events(req.stops()):
                 text.append(piece)
+                if shown:
+                    logprobs += shown
         except Exception as exc:
             if getattr(exc, "code", None) in ("kv_full", "busy"):  # the verifier is full for now: come back
                 return fail(503, f"the server is busy: {exc}", "server_error", headers={"Retry-After": "1"})
@@ -506,16 +522,17 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             gen.abandon()
         metrics.success.labels(finished_reason=finish).inc()
-        return reply.whole("".join(text), finish, gen.stats)
+        return reply.whole("".join(text), finish, gen.stats, logprobs)
 
     async def stream(gen: Generation, req, reply: api.Reply):
-        first, finish = reply.chat, None
+        first, finish, offset = reply.chat, None, 0
         try:
             if first:
                 yield reply.chunk(first=True)
-            async for piece, finish in gen.events(req.stops()):
-                if piece:
-                    yield reply.chunk(piece)
+            async for piece, finish, shown in gen.events(req.stops()):
+                if piece or shown:
+                    yield reply.chunk(piece, logprobs=shown, offset=offset)
+                    offset += len(piece)
             yield reply.chunk(finish=finish, stats=gen.stats)
             if req.stream_options and req.stream_options.include_usage:
                 yield reply.usage_chunk(gen.stats)

@@ -36,7 +36,8 @@ class Session:
     state: lm.Session | None = None  # the target's KV cache for this session (committed tokens)
     root: int | None = None  # last committed token, not yet run by the target
     params: sampling.SamplingParams = sampling.SamplingParams()
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    seed: int = 0  # sampling: token i of the sequence is drawn with sampling.uniform(seed, i)
+    logprobs: int | None = None  # None: none; k >= 0: each new token's logprob and the k most likely
     want_features: bool = False
     last_used: float = field(default_factory=time.monotonic)
     prefill: "Prefill | None" = None  # a START whose prompt is still going in, a chunk per pass
@@ -139,7 +140,9 @@ class Verifier:
             top_p=protocol.get_float(msg, "top_p", 1e-6, 1.0, 1.0),
         )
         seed = secrets.randbits(63) if msg.fields.get("seed") is None else protocol.get_int(msg, "seed", -(2**63), 2**64 - 1)
-        s.generator = torch.Generator().manual_seed(seed)
+        s.seed = seed % (1 << 64)
+        s.logprobs = (None if msg.fields.get("logprobs") is None
+                      else protocol.get_int(msg, "logprobs", 0, sampling.MAX_TOP_LOGPROBS))
         want_features = bool(msg.fields.get("features", False))
         if want_features and not self.target.info.features:
             raise ProtocolError(f"the {self.target.info.engine} engine gives no features: use a draft LM", "no_features")
@@ -212,14 +215,17 @@ class Verifier:
     def _commit_verify(self, w: Work, out: lm.Output, seconds: float, shared: dict) -> Message:
         s, tokens = w.session, w.tokens
         # 2 accept: longest agreeing path + the target's own bonus token
-        path, bonus = self._accept(s, tokens, w.parents, out.logits)
+        path, bonus = self._accept(s, tokens, w.parents, out.logits, s.state.length + 1)  # the root is at length
         # 3 commit: keep the root and the accepted path in the cache
         keep = [0] + path
         s.state.keep(keep)
         s.root = bonus
         # 4 reply: accepted tokens, bonus, features of root + accepted positions
         features = None if out.features is None else out.features[keep]
-        return self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
+        reply = self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
+        if s.logprobs is not None:  # row keep[i] chose the i-th new token
+            reply.tensors.update(sampling.logprobs(out.logits[keep], [tokens[k] for k in path] + [bonus], s.logprobs))
+        return reply
 
     def _commit_chunk(self, w: Work, out: lm.Output) -> Message | None:
         """A prompt chunk went in: keep it; after the last one sample the first token and answer the START."""
@@ -231,10 +237,13 @@ class Verifier:
             p.features.append(out.features)
         if p.left:
             return None
-        _, first = self._accept(s, [0], [-1], out.logits)
+        _, first = self._accept(s, [0], [-1], out.logits, s.state.length)
         s.root, s.prefill = first, None
         features = torch.cat(p.features) if p.features else None
-        return self._result(s, [], first, features, time.perf_counter() - p.started)
+        reply = self._result(s, [], first, features, time.perf_counter() - p.started)
+        if s.logprobs is not None:
+            reply.tensors.update(sampling.logprobs(out.logits[-1:], [first], s.logprobs))
+        return reply
 
     def _verify_request(self, identity: bytes, msg: Message) -> tuple[Session, list[int], list[int]]:
         """A VERIFY's session and its root + draft tree as one forward's tokens and parents, checked."""
@@ -313,11 +322,12 @@ class Verifier:
             s.state.close()
             s.state = None
 
-    def _accept(self, s: Session, tokens, tree, logits) -> tuple[list[int], int]:
+    def _accept(self, s: Session, tokens, tree, logits, position: int) -> tuple[list[int], int]:
+        """The accepted path and the bonus; ``position``: the sequence index of the token after the root."""
         if s.params.greedy:
             return sampling.accept_greedy(tokens, tree, logits.argmax(-1).tolist())
         p = sampling.processed_probs(logits, s.params)  # [q, V]
-        return sampling.accept_sampling(tokens, tree, p, s.generator)
+        return sampling.accept_sampling(tokens, tree, p, s.seed, position)
 
     def _result(self, s: Session, accepted, bonus, hidden, seconds, batch: int = 1, rows: int = 0) -> Message:
         msg = Message(MsgType.RESULT, fields={
