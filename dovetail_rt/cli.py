@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-curve", action="store_true",
                    help="do not measure the target's verification curve on this machine after installing it "
                         "(about a minute; the verifier loads it at start so the first drafts are sized from it)")
+    i.add_argument("--recurve", action="store_true",
+                   help="measure the curve again even if one is kept for this machine (e.g. it was measured while "
+                        "other work shared the cores)")
     msub.add_parser("list", help="show the known models and whether they are installed")
     for command in sub.choices.values():  # `dovetail verifier ... -v` as well as `dovetail -v verifier ...`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -504,11 +507,11 @@ def cmd_models(args) -> int:
                       + (f", written in {time.perf_counter() - t0:.1f} s)" if written else ", there already)"))
     targets = [n for n in (args.names or store.RELEASES) if store.RELEASES.get(n) and store.RELEASES[n].role == "target"]
     if targets and not args.no_curve:
-        measure_curve(targets[0], home)
+        measure_curve(targets[0], home, again=args.recurve)
     return 0
 
 
-def measure_curve(spec: str, home: Path) -> None:
+def measure_curve(spec: str, home: Path, again: bool = False) -> None:
     """The installed target's verification curve on this machine, kept for its verifier (unless one is
     kept already for this machine, model and engine)."""
     from . import placement
@@ -520,13 +523,19 @@ def measure_curve(spec: str, home: Path) -> None:
     if choose_engine("auto", spec, home) != "llamacpp":
         return  # the torch engine's curve depends on --dtype: `dovetail bench --verify-curve` measures it
     threads = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0))).threads  # the verifier's default
-    if load_verify_curve(home, spec, f"llamacpp-{weight_format(store.gguf_file(spec, home))}", threads)[0] is not None:
-        print(f"verification curve: kept for this machine ({home / 'verify_curve.json'})")
+    if not again and load_verify_curve(home, spec, f"llamacpp-{weight_format(store.gguf_file(spec, home))}",
+                                       threads)[0] is not None:
+        print(f"verification curve: kept for this machine ({home / 'verify_curve.json'}; --recurve measures it again)")
         return
     print(f"measuring {spec}'s verification curve on this machine (about a minute, once; --no-curve skips it) ...",
           flush=True)
     result = curve.measure_installed(spec, home, threads)
     print(curve.table({**result, "curves": result["curves"]}))
+    for key, shapes in result["curves"].items():
+        jump = curve.disorder(shapes["chain"])
+        if jump:
+            print(f"verification curve: WARNING: {jump}: was other work sharing the cores? Measure it again on a quiet "
+                  "machine: dovetail models install --recurve", flush=True)
     print(f"verification curve: kept in {home / 'verify_curve.json'} (the verifier loads it at start)")
 
 

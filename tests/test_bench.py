@@ -95,3 +95,12 @@ def test_head_depth_sweep_is_plotted(tmp_path):
     files = sweep_plots(results, tmp_path, "run")
     assert [os.path.basename(f) for f in files] == ["run-sweep-head_layers.png"]
     assert os.path.getsize(files[0]) > 0
+
+
+def test_a_curve_measured_beside_other_work_is_flagged():
+    from dovetail_rt.bench.curve import disorder
+
+    assert disorder({1: 0.025, 2: 0.045, 4: 0.08, 8: 0.13, 12: 0.16, 16: 0.158}) is None  # a small dip is llama.cpp's
+    # the curve `models install` measured while pytest shared the 2 cores (Zen 5, 2026-12-02)
+    noisy = {1: .025, 2: .045, 3: .109, 4: .268, 6: .181, 8: .471, 12: .375, 16: .148, 24: .226, 32: .260}
+    assert "q = 8 took 471 ms, more than twice q = 16" in disorder(noisy)

@@ -189,6 +189,18 @@ def main(model_spec: str, home: Path, engines: list[str], dtypes: list[str], out
     return 0
 
 
+def disorder(chain: dict) -> str | None:
+    """Why a chain curve looks measured beside other work, or None: a q that cost more than twice a
+    larger q (llama.cpp's kernels group rows, so a curve may dip a little, never by half)."""
+    qs = sorted(chain)
+    for i, q in enumerate(qs):
+        later = [r for r in qs[i + 1:] if chain[r] * 2 < chain[q]]
+        if later:
+            return (f"q = {q} took {1000 * chain[q]:.0f} ms, more than twice q = {later[0]}'s "
+                    f"{1000 * chain[later[0]]:.0f} ms")
+    return None
+
+
 def table(result: dict) -> str:
     lines = []
     for key, curves in result["curves"].items():
