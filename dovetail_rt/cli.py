@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, DraftConfig, LinkConfig, ServeConfig, dovetail_home
-from .cost import WIDEST
+from .config import (CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, WIDEST, DraftConfig, LinkConfig, ServeConfig,
+                     dovetail_home)
 from .verifier_options import add_verifier_options, placement_config, verifier_config
 
 log = logging.getLogger("dovetail")

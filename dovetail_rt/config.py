@@ -134,6 +134,8 @@ class PlacementConfig:
 
 DRAFT_MAX = 16  # the chain cap where the verification curve is steep or unknown (8/16/24 measured alike there)
 TREE_TOKENS = 8  # the tree size there, root included (bf16 T_V(1 / 8 / 16) = 181 / 235 / 310 ms, 2-core AMD)
+FLAT = 2.0  # a curve is flat up to the q it verifies for at most this many one-token steps (cost.sized)
+WIDEST = 32  # the largest draft the caps grow to on a flat curve
 
 
 @dataclass(frozen=True)

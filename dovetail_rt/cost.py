@@ -36,13 +36,11 @@ import math
 from dataclasses import replace
 
 from . import tree
-from .config import DRAFT_MAX, TREE_TOKENS, DraftConfig
+from .config import DRAFT_MAX, FLAT, TREE_TOKENS, WIDEST, DraftConfig
 
 EMA = 0.2
 PROBE_EVERY = 16
 PROBE_MAX = 256
-FLAT = 2.0  # a curve is flat up to the q it verifies for at most this many one-token steps
-WIDEST = 32  # the largest draft the caps grow to on a flat curve
 
 
 def flat_width(verify_curve: dict | None) -> int:

@@ -359,7 +359,8 @@ class Generation:
         """(text, finish_reason or None, logprobs) as the tokens come: text never splits a UTF-8
         character or shows a stop string; the last event has the finish reason. ``logprobs``: the
         entries of the tokens that arrived with this event ([] when none came, None when none were
-        asked); the tokens past a stop string are not shown, so neither are their entries."""
+        asked); when a stop string ends the text, the entries of the whole batch that held it still
+        come (the tokens after it in that batch included)."""
         from .detok import IncrementalDetokenizer
 
         self.start()

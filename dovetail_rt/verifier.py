@@ -222,10 +222,7 @@ class Verifier:
         s.root = bonus
         # 4 reply: accepted tokens, bonus, features of root + accepted positions
         features = None if out.features is None else out.features[keep]
-        reply = self._result(s, [tokens[k] for k in path], bonus, features, seconds, **shared)
-        if s.logprobs is not None:  # row keep[i] chose the i-th new token
-            reply.tensors.update(sampling.logprobs(out.logits[keep], [tokens[k] for k in path] + [bonus], s.logprobs))
-        return reply
+        return self._result(s, [tokens[k] for k in path], bonus, features, seconds, out.logits[keep], **shared)
 
     def _commit_chunk(self, w: Work, out: lm.Output) -> Message | None:
         """A prompt chunk went in: keep it; after the last one sample the first token and answer the START."""
@@ -240,10 +237,7 @@ class Verifier:
         _, first = self._accept(s, [0], [-1], out.logits, s.state.length)
         s.root, s.prefill = first, None
         features = torch.cat(p.features) if p.features else None
-        reply = self._result(s, [], first, features, time.perf_counter() - p.started)
-        if s.logprobs is not None:
-            reply.tensors.update(sampling.logprobs(out.logits[-1:], [first], s.logprobs))
-        return reply
+        return self._result(s, [], first, features, time.perf_counter() - p.started, out.logits[-1:])
 
     def _verify_request(self, identity: bytes, msg: Message) -> tuple[Session, list[int], list[int]]:
         """A VERIFY's session and its root + draft tree as one forward's tokens and parents, checked."""
@@ -329,13 +323,16 @@ class Verifier:
         p = sampling.processed_probs(logits, s.params)  # [q, V]
         return sampling.accept_sampling(tokens, tree, p, s.seed, position)
 
-    def _result(self, s: Session, accepted, bonus, hidden, seconds, batch: int = 1, rows: int = 0) -> Message:
+    def _result(self, s: Session, accepted, bonus, hidden, seconds, logits, batch: int = 1, rows: int = 0) -> Message:
+        """RESULT; ``logits``: the rows that chose accepted + [bonus] (their logprobs go out when asked)."""
         msg = Message(MsgType.RESULT, fields={
             "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.state.length,
             "batch": batch, "rows": rows,  # sessions and tokens in the forward pass that verified this step
         })
         if s.want_features and hidden is not None:
             msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
+        if s.logprobs is not None:
+            msg.tensors.update(sampling.logprobs(logits, accepted + [bonus], s.logprobs))
         return msg
 
     # ---- the socket loop ----------------------------------------------------------------------
