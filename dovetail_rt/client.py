@@ -272,6 +272,16 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def new_session(self) -> None:
+        """END this client's verifier session and open an empty one: its KV cells go back to the
+        shared pool now (a session otherwise keeps its last context for the next prompt's prefix), and
+        the next generation prefills its whole prompt. The bench calls it between prompts, so that a row
+        runs with only its own cells in the pool, as llama.cpp's row does."""
+        if self.session is not None:
+            self._request(Message(MsgType.END, fields={"session": self.session}))
+            self.session = None
+        self._hello()
+
     def configure(self, config: DraftConfig) -> None:
         """Draft settings for the generations that follow (a server request's own speculation settings);
         the caps it leaves open are set for the verifier's curve."""

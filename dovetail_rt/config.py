@@ -88,6 +88,7 @@ class VerifierConfig:
     prefill_chunk: int = 64  # prompt tokens per pass: a long prompt stalls other sessions' steps at most this long
     kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)
     max_draft_tokens: int = 128  # per VERIFY request
+    flash_attn: bool = False  # llamacpp engine: on, a session's step skips other sessions' KV cells (f16 sums: not exact)
     link: LinkConfig = LinkConfig()
 
     def __post_init__(self):

@@ -22,9 +22,13 @@ layouts (and AMX tiles where built in) when they pass, else the plain kernels (`
 off), and the start-up line says which and why.
 
 Numerics: llama.cpp's CPU matmuls pick kernels by the number of rows, so a token's logits in a
-q-token pass can differ slightly from a one-token step (DESIGN.md §7). Flash attention is off (its
-blocked softmax is one more batch-dependent path and does not speed up the short contexts here);
-the repacked weight layouts and tiled kernels stay on: they are the speed this engine is for.
+q-token pass can differ slightly from a one-token step (DESIGN.md §7). Flash attention is off by
+default: it sums V in float16 and splits a one-token step's cells across threads from 512 cells on, so
+on float32 files a q-token pass and a one-token step differ by up to ~0.008 in a logit (tiny GGUFs in
+the tests: greedy output no longer identical). Its gain is in a crowded pool: off, every step scans
+the cells of every session in the unified pool (other sessions' are masked, but read); on, it skips
+them (bench/NOTES.md, session 13). The repacked weight layouts and tiled kernels stay on: they are the
+speed this engine is for.
 """
 
 from __future__ import annotations
@@ -144,10 +148,11 @@ def write_format(home: Path, name: str, fmt: str) -> tuple[Path, bool]:
 
 def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4096, n_batch: int = 256,
                max_tree: int = 64, numa: bool = False, sessions: int = 1, kv_cells: int | None = None,
-               **_ignored) -> "LlamaCppLM":
+               flash_attn: bool = False, **_ignored) -> "LlamaCppLM":
     """Open the GGUF behind ``spec`` (a .gguf path or an installed default, see ``store.gguf_file``).
     ``n_ctx``: the most tokens one session holds; ``kv_cells``: the KV pool all sessions share
-    (default ``n_ctx`` x ``sessions``), capped to a quarter of the memory available now."""
+    (default ``n_ctx`` x ``sessions``), capped to a quarter of the memory available now; ``flash_attn``:
+    llama.cpp's flash attention (see the module's docstring)."""
     path = store.gguf_file(spec, home)
     if path is None:
         raise store.ModelNotFound(f"'{spec}' has no GGUF file for the llama.cpp engine: pass a .gguf file or an "
@@ -156,7 +161,7 @@ def open_model(spec: str, home: Path, threads: int | None = None, n_ctx: int = 4
 
     found = kernels.verdict(progress=log.warning)
     return LlamaCppLM(spec, path, threads, n_ctx, n_batch, max_tree, numa, kv_cells or n_ctx * sessions,
-                      kernels=found)
+                      kernels=found, flash_attn=flash_attn)
 
 
 N_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids 0..255, lent to sessions and tree nodes
@@ -164,7 +169,7 @@ N_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids 0..255, lent to sessions 
 
 class LlamaCppLM:
     def __init__(self, name: str, path: Path, threads: int | None, n_ctx: int, n_batch: int, max_tree: int, numa: bool,
-                 kv_cells: int | None = None, kernels=None):
+                 kv_cells: int | None = None, kernels=None, flash_attn: bool = False):
         """``kernels``: the probe's ``kernels.Verdict`` (None: the build's fastest kernels, unprobed)."""
         import os
 
@@ -199,7 +204,7 @@ class LlamaCppLM:
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = self.kv_cells, n_batch, n_batch, self.n_seq
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.kv_unified = True  # one cell pool: a cell can belong to many sequences (the tree), sessions share it
-        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.embeddings, cp.pooling_type = True, L.LLAMA_POOLING_TYPE_NONE  # one hidden state per token, when asked for
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)

@@ -31,7 +31,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     t0 = time.perf_counter()
     target = lm.open_lm(config.model, config.home, config.engine, dtype=config.dtype, threads=where.threads,
                         n_ctx=config.n_ctx, max_tree=config.max_draft_tokens + 1, numa=where.multi_node,
-                        sessions=config.max_sessions, kv_cells=config.kv_budget or None)
+                        sessions=config.max_sessions, kv_cells=config.kv_budget or None,
+                        flash_attn=config.flash_attn)
     info = target.info
     if info.engine != "torch":  # torch only samples here: keep its thread pool from spinning against llama.cpp's
         torch.set_num_threads(1)

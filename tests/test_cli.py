@@ -152,6 +152,7 @@ def test_run_picks_the_llamacpp_engine_for_a_gguf_target(pair, tmp_path):
 # every `dovetail verifier` option set off its default (torch engine: the KV options still travel and are checked)
 OFF_DEFAULT = ["--engine", "torch", "--dtype", "float32", "-c", "512", "--max-sessions", "7", "--max-sessions-per-peer", "3",
                "--idle-timeout", "123.5", "--prefill-chunk", "32", "--kv-budget", "1024", "--max-draft-tokens", "64",
+               "--flash-attn", "on",
                "-t", "1", "--cpus", "0", "--numa-node", "0"]
 
 
@@ -177,7 +178,7 @@ def test_every_verifier_option_round_trips_through_the_childs_argv():
                                        LinkConfig(endpoint=CHILD_ENDPOINT), max_sessions=16)
         changed = {k for k, v in config.as_dict().items() if defaults.as_dict()[k] != v}
         assert changed >= {"engine", "dtype", "n_ctx", "max_sessions", "max_sessions_per_peer", "idle_timeout_s",
-                           "prefill_chunk", "kv_budget", "max_draft_tokens"}
+                           "prefill_chunk", "kv_budget", "max_draft_tokens", "flash_attn"}
 
 
 @pytest.mark.timeout(180)

@@ -50,6 +50,21 @@ def test_full_verifier_refuses_as_busy_and_keeps_every_session(tiny_dir):
         proc.stop()
 
 
+@pytest.mark.timeout(60)
+def test_new_session_gives_the_old_ones_cells_back(tiny_dir):
+    """`Client.new_session` ENDs the session before it opens the next: at a limit of one session it
+    still gets one (the bench relies on it to keep a row's pool free of the other rows' cells)."""
+    proc = VerifierProcess(tiny_dir, "--max-sessions", "1")
+    try:
+        with Client(verifier=proc.endpoint, draft=None, tokenizer=tiny_tokenizer()) as client:
+            first, old = client.generate([5, 7, 9], 12).token_ids, client.session
+            client.new_session()
+            assert client.session != old
+            assert client.generate([5, 7, 9], 12).token_ids == first  # the whole prompt prefilled again
+    finally:
+        proc.stop()
+
+
 @pytest.mark.timeout(120)
 def test_hello_flood_from_one_peer_leaves_others_untouched(tiny_dir, target_lm):
     """One connection opening sessions in a loop hits its own limit; another client generating at the

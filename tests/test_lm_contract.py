@@ -172,6 +172,21 @@ def test_info_carries_the_handshake_facts(model):
     assert info.trees and info.features and info.engine in lm.ENGINES
 
 
+def test_flash_attention_is_llamacpps_numerics_within_its_float16_sums(gguf_path, model, torch_lm):
+    """`--flash-attn on` reaches the context: a tree forward still works, and its logits are the plain
+    path's within flash attention's float16 sums of V (DESIGN.md section 7; not bitwise, hence off by default)."""
+    if model is torch_lm:
+        pytest.skip("a llama.cpp setting")
+    flash = lm.open_lm(str(gguf_path), Path("."), "llamacpp", threads=1, n_ctx=512, max_tree=32, flash_attn=True)
+    try:
+        s, ref = prefill(flash, PROMPT), prefill(model, PROMPT)
+        tree, parents = [3, 4, 5, 6], [-1, 0, 0, 1]
+        ours, plain = s.forward(tree, parents), ref.forward(tree, parents)
+        torch.testing.assert_close(ours.logits, plain.logits, atol=2e-2, rtol=0)
+    finally:
+        flash.close()
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "bf16"])
 def test_requantized_file_opens_with_its_format(gguf_path, tmp_path, fmt):
     """`models install --format` writes other formats with llama.cpp's quantizer; the engine names them."""
