@@ -5,7 +5,7 @@ process can pin its threads before torch loads.
 """
 
 __version__ = "0.1.0"
-__all__ = ["Client", "DraftConfig", "LinkConfig", "VerifierConfig"]
+__all__ = ["Client", "DraftConfig", "LinkConfig", "SamplingParams", "VerifierConfig"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from . import config
 
         return getattr(config, name)
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'dovetail_rt' has no attribute {name!r}")

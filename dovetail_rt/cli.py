@@ -127,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_verifier_parser, _generate_parser, _run_parser, _serve_parser, _bench_parser, _train_head_parser,
+                _keys_parser, _models_parser):  # one function per command
+        add(sub)
+    for command in sub.choices.values():  # `dovetail verifier ... -v` as well as `dovetail -v verifier ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return parser
 
+
+def _verifier_parser(sub) -> None:
     p = sub.add_parser("verifier", help="serve a target model on this host's CPU",
                        description="Load the target on the CPU, pin it to a NUMA node's cores, and verify drafts for any number of sessions.")
     add_verifier_options(p, model_required=True)
@@ -143,17 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="draft here, verify on a running verifier",
                        description="Run the draft side against a running `dovetail verifier`; streams the text, then prints stats.")
     p.add_argument("--verifier", default="tcp://127.0.0.1:5557", help="verifier endpoint (default tcp://127.0.0.1:5557)")
     add_draft_options(p, model_required=True)
     add_key_options(p)
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="one host: start a verifier child and generate",
                        description="Start the verifier as a child process on this host, generate, and shut both down.")
     add_verifier_options(p, model_required=False)
     add_draft_options(p, model_required=False)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) plus /health "
@@ -183,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=LinkConfig.timeout_s,
                    help=f"seconds to wait for any verifier reply (default {LinkConfig.timeout_s:g})")
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark against the target alone and HF assisted generation",
                        description="Side-by-side tokens/s, speedup, tau, acceptance, TTFT and identical-output rate "
                                    "on real prompt sets, all systems interleaved prompt by prompt in one run.")
@@ -231,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the draft side sizes its drafts from the saved curve")
     p.add_argument("--curve-dtypes", default="bfloat16", help="torch dtypes for --verify-curve (default bfloat16)")
 
+
+def _train_head_parser(sub) -> None:
     p = sub.add_parser("train-head", help="train a Dovetail draft head on target features",
                        description="Extract the target's last-layer features over a corpus (teacher forcing, cached, "
                                    "resumable), then train a feature-level draft head (DGF or fc fusion).")
@@ -256,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="training device (auto: cuda if present)")
     p.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="target dtype for extraction")
 
+
+def _keys_parser(sub) -> None:
     p = sub.add_parser("keys", help="make a CURVE key pair for an authenticated, encrypted link between hosts",
                        description="Write NAME.key (public: give it to the other side) and NAME.key_secret (this host's "
                                    "only, readable by its owner alone) into DIR, with ZeroMQ's own key generator.")
@@ -264,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("dir", help="folder to write into (made if missing)")
     g.add_argument("--name", default=None, help="file name stem (default: this host's name)")
 
+
+def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="install or list the default real models")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     i = msub.add_parser("install", help="download, verify (sha256) and convert the default pair to safetensors")
@@ -278,9 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the curve again even if one is kept for this machine (e.g. it was measured while "
                         "other work shared the cores)")
     msub.add_parser("list", help="show the known models and whether they are installed")
-    for command in sub.choices.values():  # `dovetail verifier ... -v` as well as `dovetail -v verifier ...`
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    return parser
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -310,6 +329,7 @@ def read_prompt(args) -> str:
 def cmd_generate(args, endpoint: str | None = None, reconnect=None) -> int:
     from .client import Client
     from .detok import IncrementalDetokenizer
+    from .sampling import SamplingParams
 
     keys = {} if endpoint else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
     client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
@@ -319,8 +339,8 @@ def cmd_generate(args, endpoint: str | None = None, reconnect=None) -> int:
         ids = client.encode(read_prompt(args), chat=args.chat)
         stream = None if args.json else IncrementalDetokenizer(client.tokenizer)
         on_tokens = None if args.json else (lambda toks: print(stream.push(toks), end="", flush=True))
-        out = client.generate(ids, args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, on_tokens=on_tokens, stop_at_eos=not args.ignore_eos)
+        out = client.generate(ids, args.n_predict, SamplingParams(args.temp, args.top_k, args.top_p), seed=args.seed,
+                               on_tokens=on_tokens, stop_at_eos=not args.ignore_eos)
     text = client.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     st = out.stats
     if args.json:

@@ -19,8 +19,8 @@ from . import protocol, store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
 from .cost import sized
 from .drafter import Feedback, make_drafter, open_draft
-from .ngram import Lookup
 from .protocol import Message, MsgType
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Timings:
     verify_s: float = 0.0
     link_s: float = 0.0
     prefill_s: float = 0.0
+    grammar_s: float = 0.0  # structured output: the verifier's time on the grammar (masks, cutting drafts)
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Client:
             self.target = self._hello()
             self.drafter_config = sized(draft_config, self.target.verify_curve)  # its caps set for the curve
             self.drafter = make_drafter(model, self.drafter_config, self.target.verify_curve)
-            if self.tokenizer is None and isinstance(model, Lookup):  # a lookup has no tokenizer: the target's, if here
+            if self.tokenizer is None and self.drafter.kind == "ngram":  # a lookup has no tokenizer: the target's, if here
                 self.tokenizer = _local_tokenizer(self.target.model, home or dovetail_home())
             missing = self._missing_capability(draft_config)
             if missing:
@@ -292,13 +293,12 @@ class Client:
         self,
         input_ids: list[int],
         max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: SamplingParams = SamplingParams(),
         seed: int | None = None,
         on_tokens=None,
         stop_at_eos: bool = True,
         logprobs: int | None = None,
+        grammar: str | None = None,
     ) -> Generation:
         """Speculative generation; the output is exactly the target's (greedy: same tokens;
         sampling: same distribution; with a seed, the target's own tokens for that seed), up to the
@@ -306,8 +306,8 @@ class Client:
         README's Engines section). ``on_tokens(list[int])`` sees each accepted batch. ``logprobs``:
         each token's logprob and that many alternatives (0..20) in ``Generation.logprobs``."""
         stats, out, lps = GenerationStats(n_prompt=len(input_ids)), [], []
-        for tokens in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
-                                  logprobs=logprobs, logprobs_out=lps):
+        for tokens in self.stream(input_ids, max_new_tokens, sampling, seed, stop_at_eos, stats,
+                                  logprobs=logprobs, logprobs_out=lps, grammar=grammar):
             out += tokens
             if on_tokens:
                 on_tokens(tokens)
@@ -317,22 +317,22 @@ class Client:
         self,
         input_ids: list[int],
         max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: SamplingParams = SamplingParams(),
         seed: int | None = None,
         stop_at_eos: bool = True,
         stats: GenerationStats | None = None,
         max_draft: int | None = None,
         logprobs: int | None = None,
         logprobs_out: list | None = None,
+        grammar: str | None = None,
     ) -> Iterator[list[int]]:
         """Speculative generation as a generator: yields each batch of tokens as the target accepts
         them (the prefill's first token, then accepted + bonus per step). ``stats`` fills as it runs;
         ``max_draft`` caps the draft tokens per step (0: no drafting). ``logprobs`` (0..20): the
         verifier sends each new token's ``TokenLogprob`` with that many alternatives, appended to
-        ``logprobs_out`` before its batch is yielded. One generation at a time per Client (it owns
-        one verifier session): starting another makes the older generator raise."""
+        ``logprobs_out`` before its batch is yielded. ``grammar`` (``grammar.compile_grammar``):
+        structured output, the target constrained to it at every token, losslessly. One generation at
+        a time per Client (it owns one verifier session): starting another makes the older generator raise."""
         if logprobs is not None and logprobs_out is None:
             raise ValueError("logprobs needs a logprobs_out list to fill")
         if not input_ids:
@@ -349,19 +349,22 @@ class Client:
             max_new_tokens = limit - len(input_ids)
         self._generation += 1
         stats = stats if stats is not None else GenerationStats(n_prompt=len(input_ids))
-        return self._steps(list(input_ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
+        return self._steps(list(input_ids), max_new_tokens, sampling, seed, grammar, stop_at_eos, stats,
                            self._generation, 1 << 30 if max_draft is None else max_draft, logprobs_out if
                            logprobs is not None else None, logprobs)
 
-    def _steps(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stats,
+    def _steps(self, input_ids, max_new_tokens, sampling: SamplingParams, seed, grammar, stop_at_eos, stats,
                generation: int, max_draft: int, lps: list | None, logprobs: int | None) -> Iterator[list[int]]:
         eos = set(self.target.eos) if stop_at_eos else set()
         t0 = time.perf_counter()
         self.drafter.reset()
-        start = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "seed": seed,
+        start = {"temperature": float(sampling.temperature), "top_k": int(sampling.top_k), "top_p": float(sampling.top_p),
+                 "seed": seed,
                  "features": self.drafter.wants_features}
         if logprobs is not None:  # only what is asked crosses the link
             start["logprobs"] = int(logprobs)
+        if grammar is not None:
+            start["grammar"] = grammar
         try:
             reply = self._request(Message(MsgType.START, fields=dict(start, session=self.session, prompt=list(input_ids))))
         except (transport.LinkLost, VerifierError) as exc:
@@ -399,7 +402,7 @@ class Client:
                         raise
                     stats.resumed += 1  # the target prefills what is committed and gives the next token
                     # (a seed goes on as it was: each position has its own draw, so the text is unchanged)
-                    reply = self._resume(committed, start, exc)
+                    reply = self._resume(committed, dict(start, generated=len(committed) - len(input_ids)), exc)
                     take = _until_done([reply.fields["bonus"]], left, eos)
                     if lps is not None:
                         lps += _logprobs(reply)[: len(take)]
@@ -411,6 +414,7 @@ class Client:
                                               protocol.get_int(reply, "rows", 0, None, 0)))
                 stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind,
                                   protocol.get_int(reply, "batch", 1, None, 1))
+                stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
                 take = _until_done(accepted + [reply.fields["bonus"]], left, eos)
                 if lps is not None:
                     lps += _logprobs(reply)[: len(take)]

@@ -132,10 +132,7 @@ class DraftLM(Drafter):
         self.drafted: list[int] = []  # the pending chain after them (the last draft)
 
     def observe(self, feedback: Feedback) -> None:
-        if feedback.n_drafted or feedback.verify_s:
-            self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s, self.catch_up, feedback.rows)
-        self.catch_up = (0.0, 0)
+        _note_step(self, feedback)
 
     @torch.inference_mode()
     def propose(self, committed: list[int], budget: int) -> DraftTree:
@@ -219,6 +216,8 @@ class Chooser(Drafter):
     to pay, else the model draft's (which drafts nothing when nothing pays either). Each kind learns
     its acceptance and draft time from the steps it drafted; the model draft sees every step's target
     features (a head needs them all) and catches up over the tokens the lookup got accepted."""
+
+    kind = "ngram+"  # each proposal carries the kind that made it
 
     def __init__(self, lookup: "ngram.NgramDrafter", model):
         self.lookup, self.model, self.used = lookup, model, model
@@ -341,6 +340,14 @@ def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
     return DraftLM(model, config, verify_curve)
 
 
+def _note_step(drafter, feedback: Feedback) -> None:
+    """A model draft's (DraftLM, HeadDrafter) cost model learns from the step just verified."""
+    if feedback.n_drafted or feedback.verify_s:
+        drafter.cost.observe(feedback.n_drafted, feedback.n_accepted, drafter.last_predicted,
+                             feedback.verify_s, feedback.draft_s, drafter.catch_up, feedback.rows)
+    drafter.catch_up = (0.0, 0)
+
+
 def _log(p: float) -> float:
     return float("-inf") if p <= 0 else math.log(p)
 
@@ -375,10 +382,7 @@ class HeadDrafter(Drafter):
         self.n_pairs = 0  # committed pairs in the cache
 
     def observe(self, feedback: Feedback) -> None:
-        if feedback.n_drafted or feedback.verify_s:
-            self.cost.observe(feedback.n_drafted, feedback.n_accepted, self.last_predicted,
-                              feedback.verify_s, feedback.draft_s, self.catch_up, feedback.rows)
-        self.catch_up = (0.0, 0)
+        _note_step(self, feedback)
         if feedback.features is not None:
             f = feedback.features.to(self.head.lm_head.weight.device)
             self.features = f if self.features is None else torch.cat([self.features, f])

@@ -199,54 +199,24 @@ def write_probe_model(path: Path, seed: int = 0) -> Path:
     """A 2-layer random Llama in float32 at shapes every kernel takes (rows and columns multiples of 256:
     K-quant blocks, AMX's 32-wide tiles, repacking's groups of 8 rows)."""
     import numpy as np
-    from gguf import GGUFWriter, LlamaFileType, TokenType
+
+    from .gguf_llama import LlamaShape, write
 
     rng = np.random.default_rng(seed)
-    d, ff, vocab, heads, kv_heads, layers = 512, 1536, 1024, 8, 4, 2
-    head_dim = d // heads
+    shape, vocab = LlamaShape(hidden=512, ffn=1536, layers=2, heads=8, kv_heads=4), 1024
+    d, kv = shape.hidden, shape.kv_heads * shape.head_dim
 
     def w(rows, cols):  # [rows, cols], unit-variance outputs
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
-    g = GGUFWriter(str(path), "llama")
-    g.add_context_length(256)
-    g.add_embedding_length(d)
-    g.add_feed_forward_length(ff)
-    g.add_block_count(layers)
-    g.add_head_count(heads)
-    g.add_head_count_kv(kv_heads)
-    g.add_layer_norm_rms_eps(1e-5)
-    g.add_rope_freq_base(10000.0)
-    g.add_rope_dimension_count(head_dim)
-    g.add_file_type(LlamaFileType.ALL_F32)
-    g.add_vocab_size(vocab)
-    g.add_tokenizer_model("bert")
-    g.add_token_list([f"t{i}" for i in range(vocab)])
-    g.add_token_scores([0.0] * vocab)
-    g.add_token_types([TokenType.UNKNOWN] + [TokenType.NORMAL] * (vocab - 1))
-    g.add_unk_token_id(0)
-    g.add_add_bos_token(False)
-    g.add_add_sep_token(False)
-    g.add_add_eos_token(False)
-    g.add_tensor("token_embd.weight", rng.standard_normal((vocab, d)).astype(np.float32))
-    g.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    g.add_tensor("output.weight", w(vocab, d) * 4)  # logits with a spread, so rows can disagree visibly
-    for i in range(layers):
-        b = f"blk.{i}."
-        g.add_tensor(b + "attn_norm.weight", np.ones(d, np.float32))
-        g.add_tensor(b + "attn_q.weight", w(d, d))
-        g.add_tensor(b + "attn_k.weight", w(kv_heads * head_dim, d))
-        g.add_tensor(b + "attn_v.weight", w(kv_heads * head_dim, d))
-        g.add_tensor(b + "attn_output.weight", w(d, d))
-        g.add_tensor(b + "ffn_norm.weight", np.ones(d, np.float32))
-        g.add_tensor(b + "ffn_gate.weight", w(ff, d))
-        g.add_tensor(b + "ffn_up.weight", w(ff, d))
-        g.add_tensor(b + "ffn_down.weight", w(d, ff))
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
-    return path
+    tensors = {"token_embd": rng.standard_normal((vocab, d)).astype(np.float32), "output_norm": np.ones(d, np.float32),
+               "output": w(vocab, d) * 4}  # logits with a spread, so rows can disagree visibly
+    for i in range(shape.layers):
+        tensors.update({f"blk.{i}.{name}": t for name, t in (
+            ("attn_norm", np.ones(d, np.float32)), ("attn_q", w(d, d)), ("attn_k", w(kv, d)), ("attn_v", w(kv, d)),
+            ("attn_output", w(d, d)), ("ffn_norm", np.ones(d, np.float32)), ("ffn_gate", w(shape.ffn, d)),
+            ("ffn_up", w(shape.ffn, d)), ("ffn_down", w(d, shape.ffn)))})
+    return write(path, shape, [f"t{i}" for i in range(vocab)], tensors)
 
 
 class _Model:

@@ -143,14 +143,36 @@ def resolve_parents(parents: list[int] | None, n_new: int, n_pending: int, last_
     return list(parents)
 
 
-def plan_forward(pending: list[int], n_new: int, parents: list[int] | None, logits_for: int | None
-                 ) -> tuple[list[int], list[int], int]:
-    """What every engine's ``forward`` starts with: (parents of all pending nodes after this call,
-    their depths, how many of the last rows get logits), validated before any cache changes."""
+@dataclass
+class Plan:
+    """A validated forward that has not touched the cache yet: what every engine's ``forward`` starts with."""
+
+    tokens: list[int]
+    every: list[int]  # parents of every pending node after the forward (pending indices, -1 = committed)
+    depth: list[int]  # of every pending node (0: right after the committed tokens)
+    rows: int  # the last ``rows`` nodes get logits
+    first: int  # pending nodes before it
+    committed: int  # committed tokens before it
+
+    @property
+    def linear(self) -> bool:
+        """One chain after the committed tokens and the pending chain: plain causal attention."""
+        return self.every == list(range(-1, len(self.every) - 1))
+
+    @property
+    def positions(self) -> list[int]:
+        """Sequence positions of the new nodes."""
+        return [self.committed + d for d in self.depth[self.first:]]
+
+
+def plan_forward(pending: list[int], committed: int, tokens: list[int], parents: list[int] | None,
+                 logits_for: int | None) -> Plan:
+    """Validate a forward of ``tokens`` (under ``parents``) after ``committed`` tokens and the
+    ``pending`` nodes, before any cache changes."""
     from .tree import pool_depths
 
-    every = pending + resolve_parents(parents, n_new, len(pending), len(pending) - 1)
-    return every, pool_depths(every), check_rows(logits_for, n_new)
+    every = pending + resolve_parents(parents, len(tokens), len(pending), len(pending) - 1)
+    return Plan(list(tokens), every, pool_depths(every), check_rows(logits_for, len(tokens)), len(pending), committed)
 
 
 def check_rows(logits_for: int | None, n_new: int) -> int:

@@ -37,7 +37,6 @@ import ctypes
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +267,7 @@ class LlamaCppLM:
                 for i, (s, tokens, parents, logits_for) in enumerate(items):
                     try:
                         plan = s._plan(tokens, parents, logits_for)
-                        if not staged and plan.chain and len(tokens) > self.n_batch:
+                        if not staged and s._chain(plan) and len(tokens) > self.n_batch:
                             results[i] = s.forward(tokens, parents, logits_for)
                             break
                         if len(rows) + len(tokens) > self.n_batch or s._seqs_needed(plan) > len(self.free_seqs):
@@ -338,18 +337,6 @@ class LlamaCppLM:
         return np.ctypeslib.as_array(p, shape=(self.info.hidden_size,)).copy()
 
 
-@dataclass
-class _Plan:
-    """A validated forward that has not touched the cache yet."""
-
-    tokens: list[int]
-    every: list[int]  # parents of every pending node after the forward
-    depth: list[int]
-    rows: int  # the last ``rows`` nodes get logits
-    first: int  # pending nodes before it
-    chain: bool  # one chain in the base sequence
-
-
 class LlamaCppSession:
     def __init__(self, owner: LlamaCppLM, features: bool):
         self.owner, self.features, self.closed = owner, features, False
@@ -364,7 +351,7 @@ class LlamaCppSession:
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         with self.owner.lock:
             plan = self._plan(tokens, parents, logits_for)
-            if plan.chain:
+            if self._chain(plan):
                 return self._forward_chain(plan)
             (out,) = self.owner.forward_batch([(self, tokens, parents, logits_for)])
         if isinstance(out, Exception):
@@ -413,12 +400,11 @@ class LlamaCppSession:
         if self.closed or not self.owner.ctx:
             raise RuntimeError("this session is closed")
 
-    def _plan(self, tokens, parents, logits_for) -> _Plan:
+    def _plan(self, tokens, parents, logits_for) -> lm.Plan:
         """Every check before the cache changes: a refused forward leaves the state as it was."""
         self._check_open()
-        n_pending = len(self.pending)
-        every, depth, rows = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
-        chain = self.linear and every == list(range(-1, len(every) - 1))
+        plan = lm.plan_forward(self.pending, self.length, tokens, parents, logits_for)
+        every, chain = plan.every, self._chain(plan)
         if self.length + len(every) > self.owner.n_ctx:
             raise ValueError(f"{self.length} committed + {len(every)} pending tokens would pass this session's "
                              f"context of {self.owner.n_ctx} tokens")
@@ -427,16 +413,20 @@ class LlamaCppSession:
                              "(raise max_tree when opening the model)")
         if not chain and len(tokens) > self.owner.n_batch:
             raise ValueError(f"a tree of {len(tokens)} nodes is larger than the batch ({self.owner.n_batch})")
-        return _Plan(list(tokens), every, depth, rows, n_pending, chain)
+        return plan
 
-    def _seqs_needed(self, plan: _Plan) -> int:
-        return 0 if plan.chain else len(plan.every) - len(self.node_seqs)
+    def _chain(self, plan: lm.Plan) -> bool:
+        """One chain in the base sequence (no node has branched out of it yet)."""
+        return self.linear and plan.linear
 
-    def _stage(self, plan: _Plan) -> list[tuple]:
+    def _seqs_needed(self, plan: lm.Plan) -> int:
+        return 0 if self._chain(plan) else len(plan.every) - len(self.node_seqs)
+
+    def _stage(self, plan: lm.Plan) -> list[tuple]:
         """Lend and fill the new nodes' sequences; the batch rows (token, position, sequence ids, wants logits)."""
         q, every, first = len(plan.tokens), plan.every, plan.first
         want = [i >= q - plan.rows for i in range(q)]
-        if plan.chain:
+        if self._chain(plan):
             start = self.length + first
             return [(t, start + i, [self.seq], want[i]) for i, t in enumerate(plan.tokens)]
         L, mem = self.owner.L, self.owner.mem
@@ -455,7 +445,7 @@ class LlamaCppSession:
             L.llama_memory_seq_cp(mem, src, self.node_seqs[k], -1, -1)
         return [(plan.tokens[i], self.length + plan.depth[first + i], ids[i], want[i]) for i in range(q)]
 
-    def _finish(self, plan: _Plan, first_row: int) -> Output:
+    def _finish(self, plan: lm.Plan, first_row: int) -> Output:
         """Read this forward's rows of the last decode (they start at batch row ``first_row``)."""
         owner, q = self.owner, len(plan.tokens)
         rows = range(first_row + q - plan.rows, first_row + q)
@@ -465,7 +455,7 @@ class LlamaCppSession:
         self.pending = plan.every
         return Output(logits, feats)
 
-    def _forget(self, plan: _Plan) -> None:
+    def _forget(self, plan: lm.Plan) -> None:
         """Undo a staged forward that did not run: drop what it wrote to the cache, give back its ids."""
         if self.linear:
             self.owner.L.llama_memory_seq_rm(self.owner.mem, self.seq, self.length + plan.first, -1)
@@ -482,7 +472,7 @@ class LlamaCppSession:
         L.llama_memory_seq_rm(mem, self.seq, self.length, -1)
         self.linear = False
 
-    def _forward_chain(self, plan: _Plan) -> Output:
+    def _forward_chain(self, plan: lm.Plan) -> Output:
         """Consecutive positions in the base sequence, in chunks of the batch size (a long prefill)."""
         owner, n = self.owner, len(plan.tokens)
         rows = self._stage(plan)

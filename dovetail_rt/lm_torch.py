@@ -9,7 +9,6 @@ nodes in the order they were forwarded; a tree forward sees them through a boole
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -166,23 +165,21 @@ class TorchSession:
     def forward(self, tokens: list[int], parents: list[int] | None = None, logits_for: int | None = None) -> Output:
         return self.run(self.plan(tokens, parents, logits_for))
 
-    def plan(self, tokens: list[int], parents: list[int] | None, logits_for: int | None) -> "_Plan":
-        """Validate a forward and work out its positions and mask; the cache is not touched."""
-        n_pending = len(self.pending)
-        every, depth, rows = lm.plan_forward(self.pending, len(tokens), parents, logits_for)
-        return _Plan(list(tokens), every, [self.length + d for d in depth[n_pending:]], rows, n_pending, self.length)
+    def plan(self, tokens: list[int], parents: list[int] | None, logits_for: int | None) -> lm.Plan:
+        """Validate a forward and work out its positions; the cache is not touched."""
+        return lm.plan_forward(self.pending, self.length, tokens, parents, logits_for)
 
-    def run(self, plan: "_Plan") -> Output:
+    def run(self, plan: lm.Plan) -> Output:
         past = self.length + len(self.pending)
         try:
             logits, hidden = forward(self.model, self.cache, plan.tokens, plan.positions,
-                                     None if plan.linear else plan.mask()[None, None], plan.rows)
+                                     None if plan.linear else seen_by(plan)[None, None], plan.rows)
         except Exception:
             crop_cache(self.cache, past)
             raise
         return self.commit(plan, logits, hidden)
 
-    def commit(self, plan: "_Plan", logits: torch.Tensor, hidden: torch.Tensor) -> Output:
+    def commit(self, plan: lm.Plan, logits: torch.Tensor, hidden: torch.Tensor) -> Output:
         """The forward's entries are in the cache: its nodes become pending."""
         self.pending = plan.every
         return Output(logits.float(), hidden if self.features else None)
@@ -202,27 +199,11 @@ class TorchSession:
         self.cache = None
 
 
-@dataclass
-class _Plan:
-    """A validated forward that has not touched the cache yet."""
-
-    tokens: list[int]
-    every: list[int]  # parents of every pending node after the forward
-    positions: list[int]  # of the new nodes
-    rows: int  # the last ``rows`` nodes get logits
-    first: int  # pending nodes before it
-    committed: int  # committed tokens before it
-
-    @property
-    def linear(self) -> bool:
-        """One chain after the committed tokens and the pending chain: plain causal attention."""
-        return self.every == list(range(-1, len(self.every) - 1))
-
-    def mask(self) -> torch.Tensor:
-        """[q, cached + q] bool: what each new node sees (built only where needed: it walks every
-        node's ancestors, quadratic in a long prompt)."""
-        return tree.expansion_mask(list(range(self.first, len(self.every))), list(range(self.first)), self.every,
-                                   self.committed)
+def seen_by(plan: lm.Plan) -> torch.Tensor:
+    """[q, cached + q] bool: what each new node of ``plan`` sees (built only where needed: it walks
+    every node's ancestors, quadratic in a long prompt)."""
+    return tree.expansion_mask(list(range(plan.first, len(plan.every))), list(range(plan.first)), plan.every,
+                               plan.committed)
 
 
 def _mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -264,7 +245,7 @@ def batch_forward(model, entries: list[tuple]) -> list[tuple[torch.Tensor, torch
     pos = torch.zeros(len(entries), q_max, dtype=torch.long)
     mask = torch.zeros(len(entries), 1, q_max, width + q_max, dtype=torch.bool)
     for b, ((_, plan), n) in enumerate(zip(entries, past)):
-        q, seen = len(plan.tokens), plan.mask()
+        q, seen = len(plan.tokens), seen_by(plan)
         ids[b, :q], pos[b, :q] = torch.tensor(plan.tokens), torch.tensor(plan.positions)
         mask[b, 0, :q, :n], mask[b, 0, :q, width : width + q] = seen[:, :n], seen[:, n:]
         mask[b, 0, range(q, q_max), range(width + q, width + q_max)] = True

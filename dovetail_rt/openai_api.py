@@ -22,11 +22,8 @@ UNSUPPORTED = {  # fields clients send at their neutral value by default; any ot
     "presence_penalty": "penalties are not supported (they would change the target's distribution)",
     "frequency_penalty": "penalties are not supported (they would change the target's distribution)",
     "echo": "echo is not supported",
-    "response_format": "only response_format {'type': 'text'} is supported (structured output is not yet)",
     "tools": "tools are not supported yet",
     "tool_choice": "tool_choice is not supported yet (tools are not)",
-    "grammar": "grammars are not supported yet",
-    "json_schema": "json_schema is not supported yet",
 }
 _ignored: set[str] = set()  # unknown field names already logged (once per name per process)
 
@@ -119,8 +116,7 @@ class Sampling(Lenient):
             raise ValueError("only n = 1 is supported (one choice per request)")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty", "response_format", "tools",
-                     "tool_choice", "grammar", "json_schema")
+    @field_validator("presence_penalty", "frequency_penalty", "tools", "tool_choice")
     @classmethod
     def neutral(cls, v, info):
         return refuse_if_set(v, info)
@@ -132,6 +128,33 @@ class Sampling(Lenient):
         if len(stops) > 16 or any(not s for s in stops):
             raise ValueError("stop: at most 16 non-empty strings")
         return v
+
+    def constraint(self) -> tuple[str, str, object] | None:
+        """(field, grammar format, text) of the structured output asked for: OpenAI's
+        ``response_format`` (json_object, json_schema) or llama.cpp's ``json_schema`` / ``grammar``
+        (GBNF); None for plain text. More than one, or a type we do not know, is a ValueError."""
+        asked = []
+        rf = self.response_format
+        if rf and rf.get("type", "text") != "text":
+            kind = rf.get("type")
+            if kind == "json_object":  # llama.cpp also takes a schema here
+                asked.append(("response_format", "json_schema", rf["schema"]) if rf.get("schema")
+                             else ("response_format", "json_object", ""))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema") or {}
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if schema is None:
+                    raise ValueError("response_format json_schema needs json_schema.schema (a JSON Schema object)")
+                asked.append(("response_format", "json_schema", schema))
+            else:
+                raise ValueError(f"response_format type '{kind}' is not supported (text, json_object, json_schema)")
+        if self.json_schema:
+            asked.append(("json_schema", "json_schema", self.json_schema))
+        if self.grammar:
+            asked.append(("grammar", "gbnf", self.grammar))
+        if len(asked) > 1:
+            raise ValueError(f"give one of response_format, json_schema, grammar (got {', '.join(a[0] for a in asked)})")
+        return asked[0] if asked else None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

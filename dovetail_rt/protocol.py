@@ -188,6 +188,11 @@ def error(seq: int, code: str, text: str, session: int | None = None, **extra) -
     return Message(MsgType.ERROR, seq, fields)
 
 
+def internal_error(seq: int, exc: Exception) -> Message:
+    """The ``internal`` ERROR for a request that failed inside the verifier (the one place it is built)."""
+    return error(seq, "internal", f"{type(exc).__name__}: {exc}")
+
+
 @dataclass(frozen=True)
 class Welcome:
     """WELCOME's fields, typed: built by the verifier, decoded once by the client. What the draft side

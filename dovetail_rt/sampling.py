@@ -74,12 +74,21 @@ def accept_greedy(tokens: list[int], parents: list[int], target_argmax: list[int
     tokens/parents: the tree incl. the root at 0; target_argmax[i]: the target's choice after node i.
     Returns (accepted node indices, bonus token).
     """
+    return accept_walk(tokens, parents, lambda node, depth: target_argmax[node])
+
+
+def accept_walk(tokens: list[int], parents: list[int], choose) -> tuple[list[int], int]:
+    """The walk every acceptance is: from the root, ``choose(node, depth)`` gives the target's own
+    token after ``node`` (``depth``: accepted tokens so far); the child with that token is accepted
+    and the walk goes on below it; where none has it, that token is the bonus. ``choose`` is called
+    exactly once per generated token, in order (a grammar's state can follow it)."""
     children = children_lists(parents)
     node, path = 0, []
     while True:
-        match = next((c for c in children[node] if tokens[c] == target_argmax[node]), None)
+        x = choose(node, len(path))
+        match = next((c for c in children[node] if tokens[c] == x), None)
         if match is None:
-            return path, target_argmax[node]
+            return path, x
         path.append(match)
         node = match
 
@@ -109,15 +118,7 @@ def accept_sampling(tokens: list[int], parents: list[int], p: torch.Tensor, seed
     seed, the very tokens the target alone gives with that seed (``position``: the sequence index of
     the token after the root). A child is accepted with probability p(x) given the path so far, as
     in speculative sampling with a deterministic draft. p: [q, vocab] processed probabilities."""
-    children = children_lists(parents)
-    node, path = 0, []
-    while True:
-        x = inverse_cdf(p[node], uniform(seed, position + len(path)))
-        match = next((c for c in children[node] if tokens[c] == x), None)
-        if match is None:
-            return path, x
-        path.append(match)
-        node = match
+    return accept_walk(tokens, parents, lambda node, depth: inverse_cdf(p[node], uniform(seed, position + depth)))
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.background import BackgroundTask
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from . import grammar
 from . import openai_api as api
 from .config import ServeConfig
 
@@ -273,8 +274,11 @@ class Generation:
     starts with the first read of ``events()``; the Client goes back to the pool when the worker ends,
     or at ``abandon()`` if it never started (a client gone before its response began)."""
 
-    def __init__(self, backend: Backend, client, ids: list[int], req, loop: asyncio.AbstractEventLoop):
+    def __init__(self, backend: Backend, client, ids: list[int], req, loop: asyncio.AbstractEventLoop,
+                 constraint: str | None = None):
+        """``constraint``: llguidance's grammar for structured output (None: plain text)."""
         from .client import GenerationStats
+        from .sampling import SamplingParams
 
         self.backend, self.client, self.loop = backend, client, loop
         self.out: asyncio.Queue = asyncio.Queue()
@@ -286,7 +290,7 @@ class Generation:
         self.max_new = min(req.limit() or left, left)
         spec = req.speculative
         self.max_draft = spec.n_max if spec and spec.n_max is not None else None
-        self.args = (ids, self.max_new, req.temperature, req.top_k, req.top_p, req.seed)
+        self.args = (ids, self.max_new, SamplingParams(req.temperature, req.top_k, req.top_p), req.seed, constraint)
         self.logprobs = req.asked_logprobs()  # alternatives per token; None: no logprobs
         self.config = client.drafter_config
         if spec and (spec.n_min is not None or spec.p_min is not None):
@@ -321,11 +325,11 @@ class Generation:
         metrics, stats = self.backend.metrics, self.stats
         self.client.configure(self.config)
         try:
-            ids, n, temperature, top_k, top_p, seed = self.args
+            ids, n, params, seed, constraint = self.args
             before = snapshot(stats)
             lps = [] if self.logprobs is not None else None
-            stream = self.client.stream(ids, n, temperature, top_k, top_p, seed, True, stats, self.max_draft,
-                                        logprobs=self.logprobs, logprobs_out=lps)
+            stream = self.client.stream(ids, n, params, seed, True, stats, self.max_draft,
+                                        logprobs=self.logprobs, logprobs_out=lps, grammar=constraint)
             for tokens in stream:
                 before = metrics.step(before, stats)
                 self._put(("tokens", tokens, None if lps is None else self._shown(tokens, lps[-len(tokens):])))
@@ -404,7 +408,105 @@ def encode(backend: Backend, req) -> list[int]:
     return tok(req.prompt, add_special_tokens=False)["input_ids"]
 
 
+def fail(status: int, message: str, kind: str = "invalid_request_error", param=None, headers=None) -> JSONResponse:
+    """An OpenAI error object (every 4xx / 5xx this server sends is one)."""
+    return JSONResponse(api.error(message, kind, status, param), status_code=status, headers=headers)
+
+
+class Completions:
+    """The generation service behind both completion routes: checks a request against the target,
+    takes a Client from the pool, and answers whole or as an SSE stream (owns nothing else)."""
+
+    def __init__(self, backend: Backend, metrics: Metrics):
+        self.backend, self.metrics = backend, metrics
+
+    async def __call__(self, req, chat: bool):
+        backend = self.backend
+        backend.check()  # any model name is answered: one target serves them all (as llama.cpp's server does)
+        try:
+            ids = await asyncio.to_thread(encode, backend, req)
+        except (ValueError, TypeError) as exc:
+            return fail(400, str(exc), param="messages" if chat else "prompt")
+        refused = self._refusal(req, ids)
+        if refused:
+            return refused
+        constraint = await asyncio.to_thread(self._grammar, req)  # a large schema takes a while to compile
+        if isinstance(constraint, JSONResponse):
+            return constraint
+        client = await backend.acquire()
+        self.metrics.running.inc()
+        try:
+            gen = Generation(backend, client, ids, req, asyncio.get_running_loop(), constraint)
+        except api.ContextOverflow as exc:
+            self.metrics.running.dec()
+            backend.release(client)
+            return JSONResponse(exc.body("messages" if chat else "prompt"), status_code=400)
+        reply = api.Reply(chat, backend.model_id, backend.fingerprint)
+        if req.stream:  # abandoned after the response too: it may end before the body starts (client gone)
+            return StreamingResponse(self._stream(gen, req, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.abandon))
+        return await self._whole(gen, req, reply)
+
+    def _refusal(self, req, ids: list[int]) -> JSONResponse | None:
+        vocab = self.backend.clients[0].target.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            return fail(400, f"token ids must be in 0..{vocab - 1}", param="prompt")
+        if req.top_k >= vocab:
+            return fail(400, f"top_k must be below the vocabulary size {vocab} (0 = off)", param="top_k")
+        return None
+
+    @staticmethod
+    def _grammar(req) -> str | JSONResponse | None:
+        """The request's structured output as llguidance's grammar (None: plain text), or its 400."""
+        asked = None
+        try:
+            asked = req.constraint()
+            return grammar.compile_grammar(asked[1], asked[2]) if asked else None
+        except ValueError as exc:
+            return fail(400, str(exc), param=asked[0] if asked else "response_format")
+
+    async def _whole(self, gen: Generation, req, reply: api.Reply):
+        text, finish, logprobs = [], None, None if gen.logprobs is None else []
+        try:
+            async for piece, finish, shown in gen.events(req.stops()):
+                text.append(piece)
+                if shown:
+                    logprobs += shown
+        except Exception as exc:
+            if getattr(exc, "code", None) in ("kv_full", "busy"):  # the verifier is full for now: come back
+                return fail(503, f"the server is busy: {exc}", "server_error", headers={"Retry-After": "1"})
+            if getattr(exc, "code", None) == "bad_grammar":  # compiled here, but not for this target's vocabulary
+                return fail(400, str(exc), param="response_format")
+            return fail(500, f"generation failed: {exc}", "server_error")
+        finally:
+            gen.abandon()
+        self.metrics.success.labels(finished_reason=finish).inc()
+        return reply.whole("".join(text), finish, gen.stats, logprobs)
+
+    async def _stream(self, gen: Generation, req, reply: api.Reply):
+        first, finish, offset = reply.chat, None, 0
+        try:
+            if first:
+                yield reply.chunk(first=True)
+            async for piece, finish, shown in gen.events(req.stops()):
+                if piece or shown:
+                    yield reply.chunk(piece, logprobs=shown, offset=offset)
+                    offset += len(piece)
+            yield reply.chunk(finish=finish, stats=gen.stats)
+            if req.stream_options and req.stream_options.include_usage:
+                yield reply.usage_chunk(gen.stats)
+            self.metrics.success.labels(finished_reason=finish).inc()
+        except Exception as exc:  # the verifier died mid-stream: an error event ends the stream
+            yield api.sse(api.error(f"generation failed: {exc}", "server_error", 500))
+        finally:
+            gen.abandon()  # a client that went away: stop after the step in flight
+        yield api.DONE
+
+
 def create_app(config: ServeConfig) -> FastAPI:
+    """The app: a Backend (verifier child + Client pool) started with it, errors in OpenAI's shape,
+    the API key and CORS, and the routes."""
     from contextlib import asynccontextmanager
 
     metrics = Metrics()
@@ -421,9 +523,14 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="dovetail_rt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.backend = backend
+    add_error_handlers(app)
+    add_access(app, config)
+    add_routes(app, backend, metrics, Completions(backend, metrics))
+    return app
 
-    def fail(status: int, message: str, kind: str = "invalid_request_error", param=None, headers=None) -> JSONResponse:
-        return JSONResponse(api.error(message, kind, status, param), status_code=status, headers=headers)
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error the framework or a route raises leaves as an OpenAI error object."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -448,6 +555,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return fail(exc.status, str(exc), "unavailable_error", headers=headers)
 
+
+def add_access(app: FastAPI, config: ServeConfig) -> None:
+    """The API key (every route but PUBLIC) and, with --cors-origin, CORS."""
+
     @app.middleware("http")
     async def authorize(request: Request, call_next):
         if config.api_key and request.url.path not in PUBLIC:
@@ -458,6 +569,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     if config.cors_origins:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=config.cors_origins != ("*",))
+
+
+def add_routes(app: FastAPI, backend: Backend, metrics: Metrics, complete: Completions) -> None:
+    """The routes; the API's ones also without /v1 (llama.cpp serves both: a client whose base URL is
+    the host root posts there)."""
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -482,70 +598,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/models")
     async def models():
         backend.check()
-        names = dict.fromkeys((backend.model_id, *config.aliases))
+        names = dict.fromkeys((backend.model_id, *backend.config.aliases))
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dovetail_rt"}
                                            for name in names]}
 
-    async def complete(req, chat: bool):
-        backend.check()  # any model name is answered: one target serves them all (as llama.cpp's server does)
-        try:
-            ids = await asyncio.to_thread(encode, backend, req)
-        except (ValueError, TypeError) as exc:
-            return fail(400, str(exc), param="messages" if chat else "prompt")
-        vocab = backend.clients[0].target.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            return fail(400, f"token ids must be in 0..{vocab - 1}", param="prompt")
-        if req.top_k >= vocab:
-            return fail(400, f"top_k must be below the vocabulary size {vocab} (0 = off)", param="top_k")
-        client = await backend.acquire()
-        metrics.running.inc()
-        try:
-            gen = Generation(backend, client, ids, req, asyncio.get_running_loop())
-        except api.ContextOverflow as exc:
-            metrics.running.dec()
-            backend.release(client)
-            return JSONResponse(exc.body("messages" if chat else "prompt"), status_code=400)
-        reply = api.Reply(chat, backend.model_id, backend.fingerprint)
-        if req.stream:  # abandoned after the response too: it may end before the body starts (client gone)
-            return StreamingResponse(stream(gen, req, reply), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(gen.abandon))
-        text, finish, logprobs = [], None, None if gen.logprobs is None else []
-        try:
-            async for piece, finish, shown in gen.events(req.stops()):
-                text.append(piece)
-                if shown:
-                    logprobs += shown
-        except Exception as exc:
-            if getattr(exc, "code", None) in ("kv_full", "busy"):  # the verifier is full for now: come back
-                return fail(503, f"the server is busy: {exc}", "server_error", headers={"Retry-After": "1"})
-            return fail(500, f"generation failed: {exc}", "server_error")
-        finally:
-            gen.abandon()
-        metrics.success.labels(finished_reason=finish).inc()
-        return reply.whole("".join(text), finish, gen.stats, logprobs)
-
-    async def stream(gen: Generation, req, reply: api.Reply):
-        first, finish, offset = reply.chat, None, 0
-        try:
-            if first:
-                yield reply.chunk(first=True)
-            async for piece, finish, shown in gen.events(req.stops()):
-                if piece or shown:
-                    yield reply.chunk(piece, logprobs=shown, offset=offset)
-                    offset += len(piece)
-            yield reply.chunk(finish=finish, stats=gen.stats)
-            if req.stream_options and req.stream_options.include_usage:
-                yield reply.usage_chunk(gen.stats)
-            metrics.success.labels(finished_reason=finish).inc()
-        except Exception as exc:  # the verifier died mid-stream: an error event ends the stream
-            yield api.sse(api.error(f"generation failed: {exc}", "server_error", 500))
-        finally:
-            gen.abandon()  # a client that went away: stop after the step in flight
-        yield api.DONE
-
     @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")  # llama.cpp serves both; a client whose base URL is the host root posts here
+    @app.post("/chat/completions")
     async def chat_completions(req: api.ChatRequest):
         return await complete(req, chat=True)
 
@@ -553,8 +611,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/completions")
     async def completions(req: api.CompletionRequest):
         return await complete(req, chat=False)
-
-    return app
 
 
 def run(config: ServeConfig) -> int:

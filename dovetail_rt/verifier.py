@@ -1,9 +1,11 @@
-"""The CPU target side: sessions, prefill, one-pass tree verification, lossless acceptance.
+"""The CPU target side's serving: the socket loop, sessions and their admission (limits, idle
+reclaim), the protocol's handlers and replies. The pass itself (forward, accept, commit) is
+``verify_pass``.
 
 One process serves many draft sessions over a ROUTER socket. Requests that wait together are
 answered together: the VERIFYs of different sessions run as one forward pass (``run_pass``: a CPU
 pass over several sessions' tokens costs far less than the passes apart), then each session accepts
-alone, with its own sampling generator. A prompt goes in a chunk per pass, in the same forward as
+alone. A prompt goes in a chunk per pass, in the same forward as
 the others' steps: a long prefill never stalls them for long. Each session owns a model state (``lm.Session``,
 on whichever engine the target was opened) that holds the committed tokens except the last one,
 the *root*, which the next VERIFY runs first.
@@ -15,67 +17,31 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 
-import torch
 import zmq
 
-from . import lm, protocol, sampling, transport
+from . import lm, protocol, sampling, transport, verify_pass
 from .config import VerifierConfig
 from .protocol import Message, MsgType, ProtocolError
+from .grammar import GrammarError, Grammars
 from .transport import CappedWarnings, peer_host
+from .verify_pass import Prefill, Session, Work
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Session:
-    id: int
-    identity: bytes
-    host: str | None = None  # the authorized host that opened it (CURVE: its key file's name)
-    state: lm.Session | None = None  # the target's KV cache for this session (committed tokens)
-    root: int | None = None  # last committed token, not yet run by the target
-    params: sampling.SamplingParams = sampling.SamplingParams()
-    seed: int = 0  # sampling: token i of the sequence is drawn with sampling.uniform(seed, i)
-    logprobs: int | None = None  # None: none; k >= 0: each new token's logprob and the k most likely
-    want_features: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-    prefill: "Prefill | None" = None  # a START whose prompt is still going in, a chunk per pass
-
-
-@dataclass
-class Prefill:
-    """A START being answered: its prompt goes into the cache a chunk per pass, between (and in the
-    same forward as) other sessions' steps, so a long prompt never stalls them for long."""
-
-    identity: bytes
-    seq: int  # the START's, for its reply
-    left: list[int]  # prompt tokens not yet in the cache
-    started: float = field(default_factory=time.perf_counter)
-    features: list = field(default_factory=list)  # [n, d] per chunk, when the session wants features
-
-
-@dataclass
-class Work:
-    """One session's share of a pass: a VERIFY (root + draft tree) or a chunk of a prompt."""
-
-    identity: bytes
-    seq: int
-    session: Session
-    tokens: list[int]
-    parents: list[int] | None  # None: a prompt chunk (a chain after the committed tokens)
-    rows: int | None = None  # logits wanted: None = every node (VERIFY); a chunk: 1 if it ends the prompt, else 0
 
 
 class Verifier:
     """Protocol handlers around one target model; ``serve`` runs them on a socket."""
 
-    def __init__(self, target: lm.LM, config: VerifierConfig, verify_curve: dict | None = None):
+    def __init__(self, target: lm.LM, config: VerifierConfig, verify_curve: dict | None = None,
+                 grammars: Grammars | None = None):
+        """``grammars``: the target's tokenizer for structured output (default: its token strings)."""
         self.target, self.config = target, config
         self.verify_curve = verify_curve  # {q: seconds} measured on this machine, sent to drafts
         info = target.info
         self.vocab_size, self.max_positions, self.vocab, self.eos = info.vocab_size, info.max_positions, info.vocab, info.eos
         self.sessions: dict[int, Session] = {}
+        self.grammars = grammars or Grammars(info.vocab, info.vocab_size, info.eos)
         self.hosts: dict[bytes, str] = {}  # CURVE: connection -> its authorized host (key name), this drain's
         self.orphans: list[tuple[bytes, Message]] = []  # replies to STARTs whose prompt will never go in
         self._warn = CappedWarnings(log)  # refusal warnings: 20 per 10 s, the rest counted
@@ -151,7 +117,27 @@ class Verifier:
             s.state, s.want_features = self.target.session(features=want_features), want_features
         s.state.truncate(0)
         self._abandon(s, "superseded", "a newer START on this session replaced this one before its prompt went in")
+        s.constraint = self._constraint(msg, prompt)
         s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt))
+
+    def _constraint(self, msg: Message, prompt: list[int]):
+        """START's ``grammar`` (llguidance's, from ``grammar.compile_grammar``) as this generation's
+        state; ``generated``: how many of the prompt's last tokens were generated under it already (a
+        client resuming on a new session), consumed first."""
+        text = msg.fields.get("grammar")
+        if text is None:
+            return None
+        if not isinstance(text, str) or not text:
+            raise ProtocolError("'grammar' must be a non-empty string (llguidance's grammar)", "bad_grammar")
+        done = protocol.get_int(msg, "generated", 0, len(prompt), 0)
+        try:
+            constraint = self.grammars.constraint(text)
+            for token in prompt[len(prompt) - done:]:
+                constraint.consume(token)
+            constraint.allowed()  # a vocabulary that cannot spell anything it allows: refused now, not mid-way
+        except GrammarError as exc:
+            raise ProtocolError(str(exc), "bad_grammar") from None
+        return constraint
 
     def on_verify(self, identity: bytes, msg: Message) -> Message:
         ((_, reply),) = self.run_pass([(identity, msg)], prefill=False)
@@ -160,8 +146,8 @@ class Verifier:
     def run_pass(self, verifies: list[tuple[bytes, Message]], prefill: bool = True) -> list[tuple[bytes, Message]]:
         """One step of the verifier: the VERIFYs waiting (at most one per session; ``step`` sees to it)
         and up to ``prefill_chunk`` prompt tokens of the sessions starting, in ONE forward where the
-        engine batches (else one after another). Each session then accepts and commits exactly as it
-        would alone. Replies: every VERIFY's, and the START of each prompt that went in whole."""
+        engine batches (``verify_pass``). Replies: every VERIFY's, and the START of each prompt that
+        went in whole."""
         replies, work = [], []
         for identity, msg in verifies:
             try:
@@ -175,69 +161,11 @@ class Verifier:
             if chunk:
                 work.append(Work(s.prefill.identity, s.prefill.seq, s, chunk, None, int(len(chunk) == len(s.prefill.left))))
                 budget -= len(chunk)
-        while work:
-            group, work = (work, []) if self.target.info.batches else (work[:1], work[1:])
-            t0 = time.perf_counter()
-            try:  # 1 forward: each session's root + draft nodes (or prompt chunk), seeing only its own cache and ancestors
-                outs = self.target.forward_batch([(w.session.state, w.tokens, w.parents, w.rows) for w in group])
-            except Exception as exc:  # this group's requests get errors; replies built for earlier groups stand
-                log.exception("internal error in a pass")
-                replies += [(w.identity, self._internal(w, exc)) for w in group]
-                continue
-            seconds = time.perf_counter() - t0
-            ran = [w.tokens for w, o in zip(group, outs) if isinstance(o, lm.Output)]
-            shared = {"batch": len(ran), "rows": sum(map(len, ran))}  # sessions and tokens in this pass
-            for w, out in zip(group, outs):
-                if out is None and any(o is not None for o in outs):  # no room in this pass: the next one
-                    work.append(w)
-                    continue
-                try:
-                    if not isinstance(out, lm.Output):  # refused (or no room even alone)
-                        reply = self._error_reply(w.identity, self._refused(out or lm.CacheFull("no room in the KV cache"), w))
-                    elif w.parents is not None:
-                        reply = self._commit_verify(w, out, seconds, shared)
-                    else:
-                        reply = self._commit_chunk(w, out)
-                except Exception as exc:  # one session's failure must not cost the others their replies
-                    log.exception("internal error committing session %d's step", w.session.id)
-                    reply = self._internal(w, exc)
-                if reply is not None:
-                    reply.seq = w.seq
-                    replies.append((w.identity, reply))
+        for w, answer in verify_pass.run_pass(self.target, work):
+            reply = self._error_reply(w.identity, answer) if isinstance(answer, ProtocolError) else answer
+            reply.seq = w.seq
+            replies.append((w.identity, reply))
         return replies
-
-    @staticmethod
-    def _internal(w: Work, exc: Exception) -> Message:
-        """The reply to a step that failed inside the verifier; its session must START again."""
-        w.session.prefill, w.session.root = None, None
-        return protocol.error(w.seq, "internal", f"{type(exc).__name__}: {exc}")
-
-    def _commit_verify(self, w: Work, out: lm.Output, seconds: float, shared: dict) -> Message:
-        s, tokens = w.session, w.tokens
-        # 2 accept: longest agreeing path + the target's own bonus token
-        path, bonus = self._accept(s, tokens, w.parents, out.logits, s.state.length + 1)  # the root is at length
-        # 3 commit: keep the root and the accepted path in the cache
-        keep = [0] + path
-        s.state.keep(keep)
-        s.root = bonus
-        # 4 reply: accepted tokens, bonus, features of root + accepted positions
-        features = None if out.features is None else out.features[keep]
-        return self._result(s, [tokens[k] for k in path], bonus, features, seconds, out.logits[keep], **shared)
-
-    def _commit_chunk(self, w: Work, out: lm.Output) -> Message | None:
-        """A prompt chunk went in: keep it; after the last one sample the first token and answer the START."""
-        s, p = w.session, w.session.prefill
-        s.last_used = time.monotonic()  # a long prompt going in is not idle
-        s.state.keep(list(range(len(w.tokens))))
-        del p.left[: len(w.tokens)]
-        if out.features is not None:
-            p.features.append(out.features)
-        if p.left:
-            return None
-        _, first = self._accept(s, [0], [-1], out.logits, s.state.length)
-        s.root, s.prefill = first, None
-        features = torch.cat(p.features) if p.features else None
-        return self._result(s, [], first, features, time.perf_counter() - p.started, out.logits[-1:])
 
     def _verify_request(self, identity: bytes, msg: Message) -> tuple[Session, list[int], list[int]]:
         """A VERIFY's session and its root + draft tree as one forward's tokens and parents, checked."""
@@ -250,19 +178,15 @@ class Verifier:
         why = sampling.validate_tree(parents, len(draft))
         if why:
             raise ProtocolError(f"draft is not a tree: {why}", "bad_tree")
-        return s, [s.root] + draft, [-1] + parents
-
-    @staticmethod
-    def _refused(exc: Exception, w: Work) -> ProtocolError:
-        """The error for a forward the engine refused; a refused prompt chunk ends that START."""
-        if w.parents is None:
-            w.session.prefill = None
-            w.session.state.truncate(0)
-        if isinstance(exc, lm.CacheFull):
-            return ProtocolError(str(exc), "kv_full")
-        if isinstance(exc, ValueError):  # a tree this engine cannot run in one pass
-            return ProtocolError(str(exc), "bad_tree")
-        return ProtocolError(f"{type(exc).__name__}: {exc}", "internal")
+        tokens, parents = [s.root] + draft, [-1] + parents
+        if s.constraint is not None:  # cut at the first token the grammar forbids: it could never be accepted
+            t0 = time.perf_counter()
+            keep = s.constraint.cut(tokens, parents)
+            s.grammar_s += time.perf_counter() - t0
+            if len(keep) < len(tokens):
+                index = {old: new for new, old in enumerate(keep)}
+                tokens, parents = [tokens[k] for k in keep], [-1] + [index[parents[k]] for k in keep[1:]]
+        return s, tokens, parents
 
     def on_end(self, identity: bytes, msg: Message) -> Message:
         s = self.session(identity, msg)
@@ -315,25 +239,6 @@ class Verifier:
         if s.state is not None:
             s.state.close()
             s.state = None
-
-    def _accept(self, s: Session, tokens, tree, logits, position: int) -> tuple[list[int], int]:
-        """The accepted path and the bonus; ``position``: the sequence index of the token after the root."""
-        if s.params.greedy:
-            return sampling.accept_greedy(tokens, tree, logits.argmax(-1).tolist())
-        p = sampling.processed_probs(logits, s.params)  # [q, V]
-        return sampling.accept_sampling(tokens, tree, p, s.seed, position)
-
-    def _result(self, s: Session, accepted, bonus, hidden, seconds, logits, batch: int = 1, rows: int = 0) -> Message:
-        """RESULT; ``logits``: the rows that chose accepted + [bonus] (their logprobs go out when asked)."""
-        msg = Message(MsgType.RESULT, fields={
-            "session": s.id, "accepted": accepted, "bonus": bonus, "verify_s": seconds, "past_len": s.state.length,
-            "batch": batch, "rows": rows,  # sessions and tokens in the forward pass that verified this step
-        })
-        if s.want_features and hidden is not None:
-            msg.tensors["features"] = hidden.to(torch.float16)  # [n, d]
-        if s.logprobs is not None:
-            msg.tensors.update(sampling.logprobs(logits, accepted + [bonus], s.logprobs))
-        return msg
 
     # ---- the socket loop ----------------------------------------------------------------------
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:
@@ -388,8 +293,7 @@ class Verifier:
                 replies += self.run_pass(batch)
             except Exception as exc:  # a failed pass must not take the verifier down
                 log.exception("internal error in a pass")
-                replies += [(identity, protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}"))
-                            for identity, msg in batch]
+                replies += [(identity, protocol.internal_error(msg.seq, exc)) for identity, msg in batch]
         replies += [(identity, self.answer(identity, msg)) for identity, msg in after]
         replies, self.orphans = self.orphans + replies, []  # an abandoned START's reply before the later ones
         return [(identity, reply) for identity, reply in replies if reply is not None]
@@ -410,7 +314,7 @@ class Verifier:
             return self._error_reply(identity, exc)
         except Exception as exc:  # a failed forward must not take the other sessions down
             log.exception("internal error while serving peer %s", identity.hex())
-            return protocol.error(msg.seq, "internal", f"{type(exc).__name__}: {exc}")
+            return protocol.internal_error(msg.seq, exc)
 
     def _error_reply(self, identity: bytes, exc: ProtocolError) -> Message:
         self._log_refusal(identity, exc)

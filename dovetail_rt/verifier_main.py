@@ -24,7 +24,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
 
     import torch
 
-    from . import lm
+    from . import lm, store
+    from .grammar import Grammars
     from .verifier import Verifier, curve_key, kv_report, load_verify_curve, memory_report, open_socket
 
     torch.set_num_threads(where.threads)
@@ -37,7 +38,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
     if info.engine != "torch":  # torch only samples here: keep its thread pool from spinning against llama.cpp's
         torch.set_num_threads(1)
     curve, curve_line = load_verify_curve(config.home, config.model, curve_key(info), where.threads)
-    verifier = Verifier(target, config, verify_curve=curve)
+    grammars = Grammars(info.vocab, info.vocab_size, info.eos, lambda: store.load_tokenizer(config.model, config.home))
+    verifier = Verifier(target, config, verify_curve=curve, grammars=grammars)
     sock, endpoint, auth = open_socket(config)
     link = config.link
     print(f"dovetail verifier: {config.model} loaded in {time.perf_counter() - t0:.1f} s\n"

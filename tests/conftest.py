@@ -100,3 +100,23 @@ def engine_greedy(model, prompt: list[int], n: int) -> list[int]:
         s.keep([0])
     s.close()
     return out
+
+
+def constrained_greedy(model, prompt: list[int], n: int, grammar_text: str) -> list[int]:
+    """The constrained one-token decode of an opened ``lm.LM`` with the tiny vocabulary: each step's
+    logits masked by the grammar, then argmax (what structured output must equal)."""
+    from dovetail_rt import grammar
+
+    vocab = [t for t, _ in sorted(tiny_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+    c = grammar.Grammars(vocab, model.info.vocab_size, model.info.eos).constraint(grammar_text)
+    s = model.session()
+    logits = s.forward(prompt, logits_for=1).logits[-1]
+    s.keep(list(range(len(prompt))))
+    out = []
+    while len(out) < n:
+        out.append(int(c.masked(logits).argmax()))
+        c.consume(out[-1])
+        logits = s.forward(out[-1:]).logits[-1]
+        s.keep([0])
+    s.close()
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dovetail_rt import Client
+from dovetail_rt import Client, SamplingParams
 from dovetail_rt.config import DraftConfig
 
 from conftest import VerifierProcess, noisy_copy, tiny_target, tiny_tokenizer
@@ -63,7 +63,7 @@ def generate_each(endpoint, requests, together: bool):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
 def test_batched_sessions_get_their_solo_outputs(verifier, sampling):
-    params = lambda i: {} if sampling == "greedy" else {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + i}
+    params = lambda i: {} if sampling == "greedy" else {"sampling": SamplingParams(0.8, top_p=0.95), "seed": 1000 + i}
     requests = [(p, CONFIGS[i % len(CONFIGS)], params(i)) for i, p in enumerate(PROMPTS)]
     together = generate_each(verifier.endpoint, requests, together=True)
     alone = generate_each(verifier.endpoint, requests, together=False)

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dovetail_rt import Client, lm
+from dovetail_rt import Client, SamplingParams, grammar, lm
 from dovetail_rt.config import DraftConfig
 from dovetail_rt.lm_torch import open_model as open_torch
 from dovetail_rt.reference import speculative_generate
 
-from conftest import VerifierProcess, engine_greedy as target_greedy, noisy_copy, tiny_target, tiny_tokenizer
+from conftest import (VerifierProcess, constrained_greedy, engine_greedy as target_greedy, noisy_copy, tiny_target,
+                      tiny_tokenizer)
 
 PROMPTS = [[5], [5, 7, 9, 11], [40, 2, 2, 2, 2, 2, 60, 61, 3], list(range(1, 30))]
 # adaptive=False: fixed rules (p_min), so every case surely drafts; "chain-cost-model" lets the
@@ -154,3 +155,57 @@ def test_reference_matches_two_process_path_with_lookup(engine, target):
             ref = speculative_generate(target_lm, ngram.NgramDrafter(ngram.Lookup(), cfg), prompt, 30, cfg)
             assert fast.token_ids == ref.token_ids
             assert (fast.stats.n_steps, fast.stats.n_accepted) == (ref.stats.n_steps, ref.stats.n_accepted)
+
+
+# ---- structured output: the same equality under a grammar (issue 20 item 4) -----------------------
+WORDS = grammar.compile_grammar("regex", "(w1(w2|w3|w4)w[5-9])+")  # what is allowed depends on the state
+
+
+GRAMMAR_PROMPTS = [[5, 7, 9], [1, 2, 5, 1, 3, 6, 1, 2, 5, 1, 3], list(range(1, 30))]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["chain-3", "tree-3x4x12", "ngram-tree"])
+def test_constrained_greedy_output_equals_the_constrained_target(engine, target, name):
+    """Greedy under a grammar is exactly the target's own constrained one-token decode, for chains
+    and trees of a draft that knows no grammar (most of its tokens are cut) and for a lookup draft
+    (which finds the grammar's patterns in the prompt and earlier outputs, and gets accepted)."""
+    from dovetail_rt import ngram
+
+    verifier, target_lm = engine
+    draft, cfg = ((ngram.Lookup(), DraftConfig(tree_top_k=3, draft_max=12, adaptive=False)) if name == "ngram-tree"
+                  else (noisy_copy(target, noise=0.3), DRAFTS[name]))
+    with Client(verifier=verifier.endpoint, draft=draft, draft_config=cfg, tokenizer=tiny_tokenizer(),
+                timeout_s=30) as client:
+        n_drafted = n_accepted = 0
+        for prompt in GRAMMAR_PROMPTS:
+            out = client.generate(prompt, max_new_tokens=24, grammar=WORDS)
+            assert out.token_ids == constrained_greedy(target_lm, prompt, 24, WORDS), f"prompt {prompt}"
+            assert out.token_ids[0] == 1 and out.token_ids[1] in (2, 3, 4) and 5 <= out.token_ids[2] <= 9
+            n_drafted, n_accepted = n_drafted + out.stats.n_drafted, n_accepted + out.stats.n_accepted
+    assert n_drafted > 0
+    if name == "ngram-tree":
+        assert n_accepted > 0, "the lookup never agreed: the test would not exercise acceptance under the mask"
+
+
+@pytest.mark.timeout(120)
+def test_seeded_sampling_under_a_grammar_is_the_targets_own(engine, target):
+    """Seeded sampling under a grammar gives, token for token, what the target alone gives with that
+    seed and grammar, whatever the draft proposed."""
+    verifier, _ = engine
+    with Client(verifier=verifier.endpoint, draft=noisy_copy(target, noise=0.3), draft_config=DRAFTS["tree-2x3x6"],
+                timeout_s=30) as spec, Client(verifier=verifier.endpoint, draft=None, timeout_s=30) as alone:
+        for seed in range(6):
+            args = ([5, 7, 9], 16, SamplingParams(0.9))
+            out = spec.generate(*args, seed=seed, grammar=WORDS)
+            assert out.token_ids == alone.generate(*args, seed=seed, grammar=WORDS).token_ids
+            assert out.token_ids[0] == 1 and out.token_ids[1] in (2, 3, 4)
+
+
+def test_a_grammar_that_does_not_compile_is_refused_by_name(engine):
+    from dovetail_rt.client import VerifierError
+
+    verifier, _ = engine
+    with Client(verifier=verifier.endpoint, draft=None, timeout_s=30) as client:
+        with pytest.raises(VerifierError, match="bad_grammar|grammar"):
+            client.generate([5], 4, grammar="%%% not a grammar")

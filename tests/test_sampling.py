@@ -173,8 +173,7 @@ def test_sampling_matches_target_distribution(small_vocab, case):
     drafted = accepted = 0
     with Client(verifier=proc.endpoint, draft=draft, draft_config=draft_cfg, timeout_s=30) as client:
         for i in range(N_SAMPLES):
-            out = client.generate(prompt, N_TOKENS, temperature=params.temperature, top_k=params.top_k,
-                                  top_p=params.top_p, seed=1000 + i)
+            out = client.generate(prompt, N_TOKENS, params, seed=1000 + i)
             counts[sum(t * VOCAB ** (N_TOKENS - 1 - k) for k, t in enumerate(out.token_ids))] += 1
             drafted, accepted = drafted + out.stats.n_drafted, accepted + out.stats.n_accepted
     assert 0 < accepted < drafted, "drafts must be partly accepted for the test to mean anything"
@@ -212,8 +211,8 @@ def test_a_seed_gives_the_targets_own_tokens_whatever_the_draft(small_vocab, cas
     with Client(verifier=proc.endpoint, draft=draft, draft_config=SEEDED[case], timeout_s=30) as spec, \
             Client(verifier=proc.endpoint, draft=None, timeout_s=30) as alone:
         for seed in range(20):
-            out = spec.generate(prompt, 16, temperature=0.8, seed=seed)
-            own = alone.generate(prompt, 16, temperature=0.8, seed=seed)
+            out = spec.generate(prompt, 16, SamplingParams(0.8), seed=seed)
+            own = alone.generate(prompt, 16, SamplingParams(0.8), seed=seed)
             same += out.token_ids == own.token_ids
             drafted += out.stats.n_accepted
     print(f"SEEDED {case} {proc.config.engine}: {same}/20 identical, {drafted} draft tokens accepted")

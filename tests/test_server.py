@@ -23,7 +23,8 @@ openai = pytest.importorskip("openai")
 
 from dovetail_rt import lm  # noqa: E402
 
-from conftest import ROOT, engine_greedy, noisy_copy, save_model, tiny_target, tiny_tokenizer  # noqa: E402
+from conftest import (ROOT, constrained_greedy, engine_greedy, noisy_copy, save_model, tiny_target,  # noqa: E402
+                      tiny_tokenizer)
 
 KEY = "test-key"
 CTX = 320  # the served context (-c): the tiny model itself holds 512
@@ -195,6 +196,24 @@ def test_completion_stops_at_a_stop_string_that_never_reaches_the_client(client,
         assert text == full[: full.index(stop)], f"stream={stream}"
 
 
+@pytest.mark.timeout(120)
+def test_grammar_constrains_the_output_losslessly(client, target):
+    """llama.cpp's `grammar` (GBNF) through the official client: the text is the target's own
+    constrained greedy decode, streamed and not."""
+    from dovetail_rt import grammar
+
+    gbnf = 'root ::= ("w1" ("w2" | "w3" | "w4") ("w5" | "w6" | "w7"))+'
+    msgs = [{"role": "user", "content": "w5 w7 w9 w11"}]
+    ids = constrained_greedy(target, chat_ids("w5 w7 w9 w11"), 9, grammar.compile_grammar("gbnf", gbnf))
+    want = tiny_tokenizer().decode(ids)
+    assert ids[0] == 1 and ids[1] in (2, 3, 4) and ids[2] in (5, 6, 7)
+    out = client.chat.completions.create(model="m", messages=msgs, max_tokens=9, temperature=0, extra_body={"grammar": gbnf})
+    assert out.choices[0].message.content == want
+    chunks = client.chat.completions.create(model="m", messages=msgs, max_tokens=9, temperature=0, stream=True,
+                                            extra_body={"grammar": gbnf})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+
 @pytest.mark.timeout(60)
 def test_errors_are_openai_error_objects(server, client):
     url = server.url + "/v1/chat/completions"
@@ -204,8 +223,14 @@ def test_errors_are_openai_error_objects(server, client):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     status, _, body = post(url, {"messages": msgs, "tools": [tool]})  # known, not yet honoured: refused by name
     assert status == 400 and body["error"]["param"] == "tools" and "tools" in body["error"]["message"]
-    status, _, body = post(url, {"messages": msgs, "response_format": {"type": "json_object"}})
-    assert status == 400 and body["error"]["param"] == "response_format"
+    status, _, body = post(url, {"messages": msgs, "response_format": {"type": "json_object"}})  # no word spells "{"
+    assert status == 400 and body["error"]["param"] == "response_format" and "vocabulary" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "response_format": {"type": "xml"}})
+    assert status == 400 and body["error"]["param"] == "response_format" and "xml" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "grammar": "root ::= ("})  # llama.cpp's GBNF, broken
+    assert status == 400 and body["error"]["param"] == "grammar"
+    status, _, body = post(url, {"messages": msgs, "grammar": 'root ::= "w"', "json_schema": {"type": "object"}})
+    assert status == 400 and "one of" in body["error"]["message"]
     status, _, body = post(url, {"messages": msgs}, key="wrong")
     assert status == 401 and body["error"]["type"] == "authentication_error"
     status, _, body = post(url, {"messages": []})

@@ -97,11 +97,28 @@ def engine_rows(engines: list[str]) -> dict[str, str]:
     return {e: "" if i == 0 else f"@{e}" for i, e in enumerate(engines)}
 
 
+class Lineup:
+    """The systems of one run in the order they generate, what each dovetail row is (``rows``, for the
+    sweep plots) and which engine's one-token greedy output it must equal (``engine_of``)."""
+
+    def __init__(self):
+        self.active: list = []
+        self.rows: dict[str, dict] = {}
+        self.engine_of: dict[str, str] = {}
+
+    def add(self, system, engine: str | None = None, row: dict | None = None) -> None:
+        self.active.append(system)
+        if engine is not None:
+            self.engine_of[system.name] = engine
+        if row is not None:
+            self.rows[system.name] = row
+
+
 def run(args, home: Path) -> dict:
     """Run the bench described by CLI ``args``; returns the results dict (also written to disk)."""
     from contextlib import ExitStack
 
-    from ..lm_torch import eos_ids, load_model, resolve_dtype
+    from ..lm_torch import resolve_dtype
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in ALL_SYSTEMS]
@@ -109,96 +126,109 @@ def run(args, home: Path) -> dict:
         raise ValueError(f"unknown systems {bad}; choose from {', '.join(ALL_SYSTEMS)}")
     engines = list(dict.fromkeys(lm.choose_engine(e.strip(), args.model, home) for e in args.engine.split(",")))
     suffix = engine_rows(engines)
-    target_dtype = resolve_dtype(args.dtype)
-    dtype_name = str(target_dtype).removeprefix("torch.")
+    dtype_name = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     draft_model, tokenizer = open_draft(args.model_draft, home, args.draft_dtype, "cpu", args.draft_engine)
-    datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
-    limits = [int(x) for x in str(args.limit).split(",")]
-    if len(limits) not in (1, len(datasets)):
-        raise ValueError(f"--limit {args.limit}: give one number, or one per dataset ({len(datasets)})")
-    limits = limits * len(datasets) if len(limits) == 1 else limits
-    prompt_sets = [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
-    eos = None
+    prompt_sets = load_prompt_sets(args, tokenizer)
     draft_info = getattr(draft_model, "info", None)
     results = {"command": args.command_line, "commit": report.code_version(),
                "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
                "temperature": args.temp, "target": args.model, "draft": args.model_draft, "engines": {},
                "draft_engine": draft_info.describe() if draft_info else "torch", "datasets": {}}
-    rows = results["rows"] = {}  # dovetail row -> its draft, engine and tree shape (for the sweep plots)
-    engine_of: dict[str, str] = {}  # row -> the engine whose one-token greedy output it must equal
-    heads = [h for h in (args.head or "").split(",") if h]
-    lm_modes, head_modes = dovetail_modes(args), tree_modes(args.trees or HEAD_TREES, "dovetail-head", args)
-    # every system keeps its session open for the whole run: the verifier must not close the oldest
-    sessions = 3 + len(lm_modes) + len(heads) * len(head_modes)
-    draft_name = Path(args.model_draft).name
+    lineup = Lineup()
     with ExitStack() as stack:
-        active = []
         for engine in engines:
             child = stack.enter_context(VerifierChild(VerifierConfig(
-                model=args.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions),
+                model=args.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions_needed(args)),
                 link=LinkConfig(endpoint=CHILD_ENDPOINT))))
             results["engines"][engine] = child.target
-            tag = suffix[engine]
-            if "target" in systems:
-                active.append(DovetailSystem(f"target{tag}", child.endpoint, None, tokenizer, DraftConfig()))
-                engine_of[f"target{tag}"] = engine
-            # lookup rows: each its own Lookup, so its index of earlier outputs holds only its own outputs
-            for system, name, draft in (("ngram", "dovetail-ngram", None),
-                                        ("ngram+draft", f"dovetail-ngram+{draft_name}", draft_model)):
-                if system in systems:
-                    cfg = DraftConfig(draft_max=args.draft_max, lookup_max=args.lookup_max)
-                    active.append(DovetailSystem(name + tag, child.endpoint, Choice(Lookup(), draft) if draft else Lookup(),
-                                                 tokenizer, cfg))
-                    rows[name + tag] = {"draft": name.removeprefix("dovetail-"), "engine": engine, "lookup": True}
-                    engine_of[name + tag] = engine
-            if "dovetail" in systems:
-                for name, (cfg, shape) in lm_modes.items():
-                    active.append(DovetailSystem(name + tag, child.endpoint, draft_model, tokenizer, cfg))
-                    rows[name + tag] = {"draft": args.model_draft, "engine": engine, **shape}
-                    engine_of[name + tag] = engine
-                for head_dir in heads:
-                    head, _ = open_draft(head_dir, home, args.draft_dtype, "cpu")
-                    for name, (cfg, shape) in head_modes.items():
-                        name = f"{name}-{Path(head_dir).name}{tag}"
-                        active.append(DovetailSystem(name, child.endpoint, head, tokenizer, cfg))
-                        rows[name] = {"draft": Path(head_dir).name, "head_layers": head.config.layers, "engine": engine,
-                                      "fusion": head.config.fusion, **shape}
-                        engine_of[name] = engine
-        if "hf" in systems or "hf-assisted" in systems:
-            hf_target, _ = load_model(args.model, home, target_dtype)
-            eos = eos_ids(hf_target, tokenizer)
-            if "hf" in systems:
-                active.append(HFSystem("hf", hf_target, eos=eos))
-            if "hf-assisted" in systems:  # transformers' own assisted generation needs a torch draft module
-                hf_draft = lm.open_lm(args.model_draft, home, "torch", dtype=args.draft_dtype if args.draft_dtype != "auto" else "int8")
-                active.append(HFSystem("hf-assisted", hf_target, assistant=hf_draft.model, eos=eos))
-        spec_types = [t for t in args.llamacpp_ngram.split(",") if t] if "llamacpp-ngram" in systems else []
-        for name, spec_type in [(n, None) for n in ("llamacpp", "llamacpp-spec") if n in systems] + [
-                (f"llamacpp-ngram:{t}", t) for t in spec_types]:
-            found = llamacpp_parts(home, args.model, args.model_draft)
-            if isinstance(found, str):
-                log.warning("skipping %s: %s", name, found)
-                print(f"skipping {name}: {found}", file=sys.stderr)
-            else:
-                active.append(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1, spec_type=spec_type))
-        for s in active:  # closed before the verifiers stop, on every exit path
+            add_dovetail_rows(lineup, args, home, systems, child.endpoint, engine, suffix[engine], draft_model, tokenizer)
+        add_baseline_rows(lineup, args, home, systems, dtype_name, tokenizer)
+        for s in lineup.active:  # closed before the verifiers stop, on every exit path
             stack.callback(s.close)
-        # warm-up: one short generation each (not measured)
-        for s in active:
+        for s in lineup.active:  # warm-up: one short generation each (not measured)
             s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
         for name, prompts in prompt_sets:
-            runs = {s.name: [] for s in active}
-            for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
-                for s in active:  # interleaved: every system sees the machine in the same state
-                    runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
-            references = greedy_references(runs, engine_of, suffix) if args.temp == 0 else None
-            summary = report.summarize(runs, "target" if "target" in runs else None, references,
-                                       "llamacpp" if "llamacpp" in runs else None)
-            if references:
-                add_divergences(summary, runs, references, engine_of, prompts, args.model, home, dtype_name)
-            results["datasets"][name] = {"prompts": [p for p, _ in prompts], "summary": summary,
-                                         "identical_reference": "each row's engine's target row (one token per step)"}
+            results["datasets"][name] = measure(lineup, name, prompts, args, home, suffix, dtype_name)
+    results["rows"] = lineup.rows
     return results
+
+
+def load_prompt_sets(args, tokenizer) -> list[tuple[str, list]]:
+    """(dataset name, [(prompt id, token ids)]) per --dataset (or the --prompts file), --limit each."""
+    datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
+    limits = [int(x) for x in str(args.limit).split(",")]
+    if len(limits) not in (1, len(datasets)):
+        raise ValueError(f"--limit {args.limit}: give one number, or one per dataset ({len(datasets)})")
+    limits = limits * len(datasets) if len(limits) == 1 else limits
+    return [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
+
+
+def sessions_needed(args) -> int:
+    """Every system keeps its session open for the whole run: the verifier must not close the oldest."""
+    heads = [h for h in (args.head or "").split(",") if h]
+    return 3 + len(dovetail_modes(args)) + len(heads) * len(tree_modes(args.trees or HEAD_TREES, "dovetail-head", args))
+
+
+def add_dovetail_rows(lineup: Lineup, args, home: Path, systems: list[str], endpoint: str, engine: str, tag: str,
+                      draft_model, tokenizer) -> None:
+    """`target`, the lookup rows, the draft LM's rows and every head's, on one engine's verifier."""
+    draft_name = Path(args.model_draft).name
+    if "target" in systems:
+        lineup.add(DovetailSystem(f"target{tag}", endpoint, None, tokenizer, DraftConfig()), engine)
+    # lookup rows: each its own Lookup, so its index of earlier outputs holds only its own outputs
+    for system, name, draft in (("ngram", "dovetail-ngram", None), ("ngram+draft", f"dovetail-ngram+{draft_name}", draft_model)):
+        if system in systems:
+            cfg = DraftConfig(draft_max=args.draft_max, lookup_max=args.lookup_max)
+            lineup.add(DovetailSystem(name + tag, endpoint, Choice(Lookup(), draft) if draft else Lookup(), tokenizer, cfg),
+                       engine, {"draft": name.removeprefix("dovetail-"), "engine": engine, "lookup": True})
+    if "dovetail" in systems:
+        for name, (cfg, shape) in dovetail_modes(args).items():
+            lineup.add(DovetailSystem(name + tag, endpoint, draft_model, tokenizer, cfg), engine,
+                       {"draft": args.model_draft, "engine": engine, **shape})
+        for head_dir in [h for h in (args.head or "").split(",") if h]:
+            head, _ = open_draft(head_dir, home, args.draft_dtype, "cpu")
+            for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
+                lineup.add(DovetailSystem(f"{name}-{Path(head_dir).name}{tag}", endpoint, head, tokenizer, cfg), engine,
+                           {"draft": Path(head_dir).name, "head_layers": head.config.layers, "engine": engine,
+                            "fusion": head.config.fusion, **shape})
+
+
+def add_baseline_rows(lineup: Lineup, args, home: Path, systems: list[str], dtype_name: str, tokenizer) -> None:
+    """transformers' `hf` / `hf-assisted`, and llama.cpp's binaries on the same GGUF file."""
+    from ..lm_torch import eos_ids, load_model, resolve_dtype
+
+    if "hf" in systems or "hf-assisted" in systems:
+        hf_target, _ = load_model(args.model, home, resolve_dtype(dtype_name))
+        eos = eos_ids(hf_target, tokenizer)
+        if "hf" in systems:
+            lineup.add(HFSystem("hf", hf_target, eos=eos))
+        if "hf-assisted" in systems:  # transformers' own assisted generation needs a torch draft module
+            hf_draft = lm.open_lm(args.model_draft, home, "torch", dtype=args.draft_dtype if args.draft_dtype != "auto" else "int8")
+            lineup.add(HFSystem("hf-assisted", hf_target, assistant=hf_draft.model, eos=eos))
+    spec_types = [t for t in args.llamacpp_ngram.split(",") if t] if "llamacpp-ngram" in systems else []
+    for name, spec_type in [(n, None) for n in ("llamacpp", "llamacpp-spec") if n in systems] + [
+            (f"llamacpp-ngram:{t}", t) for t in spec_types]:
+        found = llamacpp_parts(home, args.model, args.model_draft)
+        if isinstance(found, str):
+            log.warning("skipping %s: %s", name, found)
+            print(f"skipping {name}: {found}", file=sys.stderr)
+        else:
+            lineup.add(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1, spec_type=spec_type))
+
+
+def measure(lineup: Lineup, name: str, prompts: list, args, home: Path, suffix: dict[str, str], dtype_name: str) -> dict:
+    """Every system on every prompt of one dataset, interleaved prompt by prompt, and the summary."""
+    runs = {s.name: [] for s in lineup.active}
+    for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
+        for s in lineup.active:  # interleaved: every system sees the machine in the same state
+            runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
+    references = greedy_references(runs, lineup.engine_of, suffix) if args.temp == 0 else None
+    summary = report.summarize(runs, "target" if "target" in runs else None, references,
+                               "llamacpp" if "llamacpp" in runs else None)
+    if references:
+        add_divergences(summary, runs, references, lineup.engine_of, prompts, args.model, home, dtype_name)
+    return {"prompts": [p for p, _ in prompts], "summary": summary,
+            "identical_reference": "each row's engine's target row (one token per step)"}
 
 
 def greedy_references(runs: dict, engine_of: dict[str, str], suffix: dict[str, str]) -> dict[str, dict[int, list[int]]]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..sampling import SamplingParams
+
 
 @dataclass
 class Run:
@@ -44,7 +46,7 @@ class DovetailSystem:
                              timeout_s=timeout_s)
 
     def generate(self, ids: list[int], n: int, temperature: float, seed: int) -> Run:
-        out = self.client.generate(ids, n, temperature=temperature, seed=seed)
+        out = self.client.generate(ids, n, SamplingParams(temperature), seed=seed)
         self.client.new_session()  # untimed: its cells leave the shared pool, as if this row ran alone
         st = out.stats
         return Run(out.token_ids, st.seconds, st.ttft_s, st.n_drafted, st.n_accepted, st.n_steps,
