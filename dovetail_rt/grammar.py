@@ -95,6 +95,10 @@ class Grammars:
         except Exception as exc:  # transformers raises many kinds for a file it cannot read a tokenizer from
             log.info("no transformers tokenizer for the target (%s): using its token strings", exc)
             hf = None
+        if hf is not None and _byte_level(hf):  # its own bytes, and only its special tokens special
+            tokens = _byte_level_tokens(hf, self.vocab_size)
+            return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_HFEncoder(hf, tokens, eos)), n_vocab=self.vocab_size,
+                                          eos_token=eos)
         if hf is not None:
             try:
                 return llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size, eos_token=eos)
@@ -175,6 +179,45 @@ def _no_forcing(grammar: str) -> str:
         if part.get("lark_grammar") and "%llguidance" not in part["lark_grammar"]:
             part["lark_grammar"] = '%llguidance {"no_forcing": true}\n' + part["lark_grammar"]
     return json.dumps(spec)
+
+
+def _byte_level(hf) -> bool:
+    try:
+        return json.loads(hf.backend_tokenizer.to_str()).get("decoder", {}).get("type") == "ByteLevel"
+    except (AttributeError, ValueError):
+        return False
+
+
+def _byte_level_tokens(hf, vocab_size: int) -> list[bytes]:
+    """Every token's bytes in a byte-level BPE vocabulary (GPT-2's byte-to-character map undone). An
+    added token is its text, marked special (llguidance's 0xff prefix) only where the tokenizer says
+    so: Qwen2.5's ``<tool_call>`` is not special, so a grammar's "<tool_call>" can be that one token
+    (llguidance's own reader marks every added token special, and its forcing then chose a token its
+    grammar refused)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    undo = {c: b for b, c in bytes_to_unicode().items()}
+    tokens = [b""] * vocab_size
+    for text, i in hf.get_vocab().items():
+        if i < vocab_size:
+            tokens[i] = bytes(undo[c] for c in text) if all(c in undo for c in text) else text.encode("utf-8")
+    for i, added in hf.added_tokens_decoder.items():
+        if i < vocab_size:
+            tokens[i] = (b"\xff" if added.special else b"") + added.content.encode("utf-8")
+    return tokens
+
+
+class _HFEncoder:
+    """What llguidance's TokenizerWrapper reads, for a transformers tokenizer with given token bytes."""
+
+    def __init__(self, hf, tokens: list[bytes], eos: list[int] | None):
+        self.hf, self.tokens = hf, tokens
+        self.eos_token_id = hf.eos_token_id if hf.eos_token_id in (eos or [hf.eos_token_id]) else eos[0]
+        self.bos_token_id = hf.bos_token_id
+        self.special_token_ids = sorted(i for i, t in hf.added_tokens_decoder.items() if t.special and i < len(tokens))
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self.hf.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
 
 
 class _WordTokenizer:

@@ -13,6 +13,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import tools
 from .sampling import MAX_TOP_LOGPROBS
 
 
@@ -22,8 +23,8 @@ UNSUPPORTED = {  # fields clients send at their neutral value by default; any ot
     "presence_penalty": "penalties are not supported (they would change the target's distribution)",
     "frequency_penalty": "penalties are not supported (they would change the target's distribution)",
     "echo": "echo is not supported",
-    "tools": "tools are not supported yet",
-    "tool_choice": "tool_choice is not supported yet (tools are not)",
+    "tools": "tools are a chat feature: send them to /v1/chat/completions",
+    "tool_choice": "tool_choice is a chat feature: send it to /v1/chat/completions",
 }
 _ignored: set[str] = set()  # unknown field names already logged (once per name per process)
 
@@ -68,6 +69,16 @@ class Message(Lenient):
     role: str
     content: str | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def template(self) -> dict:
+        """The message as a chat template takes it."""
+        m = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                m[key] = getattr(self, key)
+        return m
 
     def text(self) -> str:
         """The message's text; text parts are joined with newlines (as llama.cpp and vLLM do); parts of
@@ -104,8 +115,6 @@ class Sampling(Lenient):
     logprobs: bool | int | None = None  # chat: a bool (with top_logprobs); completions: the number of alternatives
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
     grammar: str | None = None
     json_schema: dict | None = None
 
@@ -116,7 +125,7 @@ class Sampling(Lenient):
             raise ValueError("only n = 1 is supported (one choice per request)")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty", "tools", "tool_choice")
+    @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def neutral(cls, v, info):
         return refuse_if_set(v, info)
@@ -152,9 +161,14 @@ class Sampling(Lenient):
             asked.append(("json_schema", "json_schema", self.json_schema))
         if self.grammar:
             asked.append(("grammar", "gbnf", self.grammar))
+        asked += self.tool_constraint()
         if len(asked) > 1:
             raise ValueError(f"give one of response_format, json_schema, grammar (got {', '.join(a[0] for a in asked)})")
         return asked[0] if asked else None
+
+    def tool_constraint(self) -> list[tuple[str, str, str]]:
+        """The grammar tool_choice asks for (chat only)."""
+        return []
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -167,6 +181,21 @@ class Sampling(Lenient):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+    @model_validator(mode="after")
+    def _tools_make_sense(self):
+        tools.check(self.tools, self.tool_choice)
+        return self
+
+    def template_tools(self) -> list | None:
+        """The tools the chat template shows the model (none with tool_choice 'none')."""
+        return None if not self.tools or self.tool_choice == "none" else self.tools
+
+    def tool_constraint(self) -> list[tuple[str, str, str]]:
+        g = tools.grammar(tools.check(self.tools, self.tool_choice), self.tool_choice) if self.template_tools() else None
+        return [("tool_choice", "lark", g)] if g else []
 
     @model_validator(mode="after")
     def _logprobs_asked(self):
@@ -187,6 +216,16 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+    tools: list | None = None  # refused when set: a chat feature
+    tool_choice: str | dict | None = None
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def chat_only(cls, v, info):
+        return refuse_if_set(v, info)
+
+    def template_tools(self) -> None:
+        return None
 
     @field_validator("logprobs")
     @classmethod
@@ -300,19 +339,25 @@ class Reply:
         return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
-    def whole(self, text: str, finish: str, stats, logprobs=None) -> dict:
+    def whole(self, text: str | None, finish: str, stats, logprobs=None, tool_calls: list | None = None) -> dict:
+        """``tool_calls``: the calls parsed from the reply (finish_reason then ``tool_calls``)."""
         lp = self.logprobs(logprobs)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"], finish = tool_calls, "tool_calls"
+        choice = ({"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
                   if self.chat else {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         return {**self._head(self.object), "choices": [choice], "usage": usage(stats), "timings": timings(stats)}
 
     def chunk(self, text: str | None = None, finish: str | None = None, first: bool = False, stats=None,
-              logprobs=None, offset: int = 0) -> str:
+              logprobs=None, offset: int = 0, tool_calls: list | None = None) -> str:
         """One SSE event; ``stats``: the final chunk's timings; ``logprobs``: the entries of the tokens
-        that came with this chunk."""
+        that came with this chunk; ``tool_calls``: whole calls, each with its index (OpenAI's delta)."""
         lp = self.logprobs(logprobs, offset)
         if self.chat:
             delta = ({"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text})
+            if tool_calls:
+                delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]}
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             body = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.background import BackgroundTask
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from . import grammar
+from . import grammar, tools
 from . import openai_api as api
 from .config import ServeConfig
 
@@ -401,8 +401,9 @@ class Generation:
 def encode(backend: Backend, req) -> list[int]:
     tok = backend.tokenizer
     if isinstance(req, api.ChatRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        messages = tools.template_messages([m.template() for m in req.messages])
+        return list(tok.apply_chat_template(messages, tools=req.template_tools(), add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))
     if isinstance(req.prompt, list):
         return list(req.prompt)
     return tok(req.prompt, add_special_tokens=False)["input_ids"]
@@ -481,18 +482,30 @@ class Completions:
             return fail(500, f"generation failed: {exc}", "server_error")
         finally:
             gen.abandon()
-        self.metrics.success.labels(finished_reason=finish).inc()
-        return reply.whole("".join(text), finish, gen.stats, logprobs)
+        text, calls = "".join(text), []
+        if req.template_tools():
+            text, calls = tools.parse(text)
+        self.metrics.success.labels(finished_reason="tool_calls" if calls else finish).inc()
+        return reply.whole(text, finish, gen.stats, logprobs, calls)
 
     async def _stream(self, gen: Generation, req, reply: api.Reply):
         first, finish, offset = reply.chat, None, 0
+        held = tools.Holdback() if req.template_tools() else None  # a call's text is held, then sent parsed
         try:
             if first:
                 yield reply.chunk(first=True)
             async for piece, finish, shown in gen.events(req.stops()):
+                piece = held.push(piece) if held else piece
                 if piece or shown:
                     yield reply.chunk(piece, logprobs=shown, offset=offset)
                     offset += len(piece)
+            if held:
+                rest, calls = held.finish()
+                if rest:
+                    yield reply.chunk(rest, offset=offset)
+                if calls:
+                    yield reply.chunk(tool_calls=calls)
+                    finish = "tool_calls"
             yield reply.chunk(finish=finish, stats=gen.stats)
             if req.stream_options and req.stream_options.include_usage:
                 yield reply.usage_chunk(gen.stats)

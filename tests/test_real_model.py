@@ -73,3 +73,45 @@ def test_default_pair_on_llamacpp_equals_its_one_token_decode(installed, draft_c
         # Q4_K_M logits move by up to ~0.4 between batch sizes here (DESIGN.md section 7)
         assert top[0] - top[1] < 0.8, f"diverged at {at} where the target was sure (gap {top[0] - top[1]:.3f})"
     target.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_two_turn_function_call_through_the_server(installed):
+    """The official client, `dovetail serve` on the real Q4_K_M target: tool_choice required gives a
+    call of the tool with arguments that parse (whole and streamed), the tool's answer goes back as a
+    `tool` message (with the assistant's call before it), and the model answers in text with it."""
+    import json
+
+    import openai
+
+    from test_server import Server
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                               "required": ["city"]}}}
+    server = Server(store.DEFAULT_TARGET, "-md", "ngram", "-c", "2048", "-t", "2")
+    try:
+        server.wait_ready(timeout=300)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+        first = client.chat.completions.create(model="m", messages=msgs, tools=[weather], tool_choice="required",
+                                               temperature=0, max_tokens=60)
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+        chunks = list(client.chat.completions.create(model="m", messages=msgs, tools=[weather], tool_choice="required",
+                                                     temperature=0, max_tokens=60, stream=True))
+        streamed = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [d.function.name for d in streamed] == ["get_weather"]
+        assert streamed[0].function.arguments == call.function.arguments
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+        msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 degrees Celsius, sunny"}]
+        # tool_choice none: the tools stay out of the prompt (the 1.5B, shown them again, writes another call)
+        second = client.chat.completions.create(model="m", messages=msgs, tools=[weather], tool_choice="none",
+                                                temperature=0, max_tokens=40)
+        assert second.choices[0].message.content and not second.choices[0].message.tool_calls
+        assert "18" in second.choices[0].message.content
+    finally:
+        server.stop()

@@ -215,14 +215,39 @@ def test_grammar_constrains_the_output_losslessly(client, target):
 
 
 @pytest.mark.timeout(60)
+def test_tools_and_tool_messages_are_taken(client, target):
+    """With tools (tool_choice auto) the request is answered: the tiny model writes no call, so its
+    text comes back as content with finish_reason stop/length; a tool message is taken back."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    msgs = [{"role": "user", "content": "w5 w7"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                                   "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "w9"}]
+    for stream in (False, True):
+        out = client.chat.completions.create(model="m", messages=msgs, tools=[tool], max_tokens=6, temperature=0,
+                                             stream=stream)
+        if stream:
+            chunks = list(out)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            text, finish = out.choices[0].message.content, [out.choices[0].finish_reason]
+            assert out.choices[0].message.tool_calls is None
+        assert text and finish == ["length"], stream
+
+
+@pytest.mark.timeout(60)
 def test_errors_are_openai_error_objects(server, client):
     url = server.url + "/v1/chat/completions"
     msgs = [{"role": "user", "content": "w2"}]
     status, _, body = post(url, {"messages": msgs, "n": 2})
     assert status == 400 and body["error"]["param"] == "n" and "n = 1" in body["error"]["message"]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    status, _, body = post(url, {"messages": msgs, "tools": [tool]})  # known, not yet honoured: refused by name
-    assert status == 400 and body["error"]["param"] == "tools" and "tools" in body["error"]["message"]
+    status, _, body = post(server.url + "/v1/completions", {"prompt": "w5", "tools": [tool]})  # a chat feature
+    assert status == 400 and body["error"]["param"] == "tools" and "chat" in body["error"]["message"]
+    status, _, body = post(url, {"messages": msgs, "tools": [tool], "tool_choice": {"type": "function",
+                                                                                    "function": {"name": "g"}}})
+    assert status == 400 and "not among the tools" in body["error"]["message"]
     status, _, body = post(url, {"messages": msgs, "response_format": {"type": "json_object"}})  # no word spells "{"
     assert status == 400 and body["error"]["param"] == "response_format" and "vocabulary" in body["error"]["message"]
     status, _, body = post(url, {"messages": msgs, "response_format": {"type": "xml"}})
