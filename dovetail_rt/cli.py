@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import (CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, WIDEST, DraftConfig, LinkConfig, ServeConfig,
-                     dovetail_home)
+from .config import (CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, WIDEST, BenchConfig, DraftConfig, LinkConfig,
+                     ServeConfig, dovetail_home)
 from .verifier_options import add_verifier_options, placement_config, verifier_config
 
 log = logging.getLogger("dovetail")
@@ -428,10 +428,9 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import harness, report
 
-    args.command_line = "dovetail " + " ".join(sys.argv[1:])
     if args.verify_curve:
         return cmd_verify_curve(args)
-    results = harness.run(args, dovetail_home())
+    results = harness.run(bench_config(args), dovetail_home())
     stem = time.strftime("bench-%Y%m%d-%H%M%S")
     out_dir = Path(args.out)
     path = report.write(results, out_dir, stem)
@@ -454,6 +453,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def bench_config(args) -> BenchConfig:
+    """`dovetail bench`'s options as the harness's config (the plots, --out and --verify-curve stay here)."""
+    from dataclasses import fields
+
+    return BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if f.name != "command_line"},
+                       command_line="dovetail " + " ".join(sys.argv[1:]))
+
+
 def cmd_verify_curve(args) -> int:
     from . import placement
     from .bench import curve
@@ -462,7 +469,7 @@ def cmd_verify_curve(args) -> int:
     threads = placement.choose(placement.read_numa_nodes(), set(os.sched_getaffinity(0))).threads  # the verifier's default
     return curve.main(args.model, dovetail_home(), ["llamacpp", "torch"] if engines == ["auto"] else engines,
                       [d.strip() for d in args.curve_dtypes.split(",")], Path(args.out), not args.no_plots,
-                      args.command_line, threads)
+                      "dovetail " + " ".join(sys.argv[1:]), threads)
 
 
 def cmd_train_head(args) -> int:

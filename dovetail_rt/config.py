@@ -217,3 +217,29 @@ class ServeConfig:
         if self.child is not None and self.child.max_sessions < self.parallel + 1:
             raise ValueError(f"--max-sessions {self.child.max_sessions} is below --parallel + 1 = {self.parallel + 1}: "
                              "each running request holds a verifier session, and a resuming one briefly holds two")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `dovetail bench` run (``bench.harness.run``): what to compare, on what, and how long."""
+
+    model: str
+    model_draft: str
+    engine: str = "auto"  # comma list: every engine after the first adds its own rows (ROW@ENGINE)
+    draft_engine: str = "auto"
+    dtype: str = "auto"  # torch engine's target dtype, also for hf rows
+    draft_dtype: str = "auto"
+    systems: str = "target,hf,hf-assisted,dovetail,llamacpp,llamacpp-spec"
+    llamacpp_ngram: str = "ngram-mod"  # --spec-type(s) of the llamacpp-ngram rows
+    lookup_max: int = DraftConfig.lookup_max
+    head: str | None = None  # draft head folders, comma separated
+    trees: str | None = None  # TOPK:DEPTH:TOKENS,... for the tree rows
+    draft_max: int | None = None
+    cost_model: str = "on"  # on | off | both
+    dataset: str = "humaneval"
+    prompts: str | None = None  # a JSONL file instead of --dataset
+    limit: str = "10"  # prompts per dataset, or one number per dataset
+    n_predict: int = 128
+    temp: float = 0.0
+    seed: int = 0
+    command_line: str = ""  # what was run, for the results file

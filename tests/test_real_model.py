@@ -113,5 +113,8 @@ def test_a_two_turn_function_call_through_the_server(installed):
                                                 temperature=0, max_tokens=40)
         assert second.choices[0].message.content and not second.choices[0].message.tool_calls
         assert "18" in second.choices[0].message.content
+        chunks = list(client.chat.completions.create(model="m", messages=msgs, tools=[weather], tool_choice="none",
+                                                     temperature=0, max_tokens=40, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.choices[0].message.content
     finally:
         server.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import data, lm
-from ..config import CHILD_ENDPOINT, DraftConfig, LinkConfig, VerifierConfig
+from ..config import CHILD_ENDPOINT, BenchConfig, DraftConfig, LinkConfig, VerifierConfig
 from ..drafter import Choice, open_draft
 from ..ngram import Lookup
 from ..launcher import VerifierChild
@@ -27,7 +27,7 @@ ALL_SYSTEMS = ("target", "hf", "hf-assisted", "dovetail", "ngram", "ngram+draft"
 LM_TREES, HEAD_TREES = "2:4:8", "4:5:8"
 
 
-def tree_modes(spec: str, prefix: str, args) -> dict[str, tuple[DraftConfig, dict]]:
+def tree_modes(spec: str, prefix: str, config: BenchConfig) -> dict[str, tuple[DraftConfig, dict]]:
     """Rows for every tree shape in ``spec`` ("TOPK:DEPTH:TOKENS,..."): name -> (config, shape)."""
     modes = {}
     for item in spec.split(","):
@@ -36,8 +36,8 @@ def tree_modes(spec: str, prefix: str, args) -> dict[str, tuple[DraftConfig, dic
         except ValueError:
             raise ValueError(f"tree shape '{item}': expected TOPK:DEPTH:TOKENS, e.g. 4:5:8") from None
         shape = {"top_k": k, "depth": d, "tree_tokens": t}
-        cfg = DraftConfig(draft_max=args.draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t)
-        modes |= cost_model_variants(f"{prefix}-t{t}d{d}k{k}", cfg, shape, args.cost_model)
+        cfg = DraftConfig(draft_max=config.draft_max, tree_top_k=k, tree_depth=d, tree_tokens=t)
+        modes |= cost_model_variants(f"{prefix}-t{t}d{d}k{k}", cfg, shape, config.cost_model)
     return modes
 
 
@@ -48,10 +48,10 @@ def cost_model_variants(name: str, cfg: DraftConfig, shape: dict, choice: str) -
     return {"on": {name: on}, "off": {f"{name}-fixed": off}, "both": {name: on, f"{name}-fixed": off}}[choice]
 
 
-def dovetail_modes(args) -> dict[str, tuple[DraftConfig, dict]]:
+def dovetail_modes(config: BenchConfig) -> dict[str, tuple[DraftConfig, dict]]:
     """Every draft mode of the small draft LM, one row each: the chain and the tree(s)."""
-    chain = cost_model_variants("dovetail-chain", DraftConfig(draft_max=args.draft_max), {"chain": True}, args.cost_model)
-    return chain | tree_modes(args.trees or LM_TREES, "dovetail-tree", args)
+    chain = cost_model_variants("dovetail-chain", DraftConfig(draft_max=config.draft_max), {"chain": True}, config.cost_model)
+    return chain | tree_modes(config.trees or LM_TREES, "dovetail-tree", config)
 
 
 MAX_PROMPT_TOKENS = 1024  # prompts longer than this are skipped (a few ShareGPT first turns)
@@ -114,101 +114,101 @@ class Lineup:
             self.rows[system.name] = row
 
 
-def run(args, home: Path) -> dict:
-    """Run the bench described by CLI ``args``; returns the results dict (also written to disk)."""
+def run(config: BenchConfig, home: Path) -> dict:
+    """Run the bench ``config`` describes; returns the results dict (the caller writes it)."""
     from contextlib import ExitStack
 
     from ..lm_torch import resolve_dtype
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s.strip() for s in config.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
         raise ValueError(f"unknown systems {bad}; choose from {', '.join(ALL_SYSTEMS)}")
-    engines = list(dict.fromkeys(lm.choose_engine(e.strip(), args.model, home) for e in args.engine.split(",")))
+    engines = list(dict.fromkeys(lm.choose_engine(e.strip(), config.model, home) for e in config.engine.split(",")))
     suffix = engine_rows(engines)
-    dtype_name = str(resolve_dtype(args.dtype)).removeprefix("torch.")
-    draft_model, tokenizer = open_draft(args.model_draft, home, args.draft_dtype, "cpu", args.draft_engine)
-    prompt_sets = load_prompt_sets(args, tokenizer)
+    dtype_name = str(resolve_dtype(config.dtype)).removeprefix("torch.")
+    draft_model, tokenizer = open_draft(config.model_draft, home, config.draft_dtype, "cpu", config.draft_engine)
+    prompt_sets = load_prompt_sets(config, tokenizer)
     draft_info = getattr(draft_model, "info", None)
-    results = {"command": args.command_line, "commit": report.code_version(),
-               "machine": report.machine_info(dtype_name), "n_new_tokens": args.n_predict,
-               "temperature": args.temp, "target": args.model, "draft": args.model_draft, "engines": {},
+    results = {"command": config.command_line, "commit": report.code_version(),
+               "machine": report.machine_info(dtype_name), "n_new_tokens": config.n_predict,
+               "temperature": config.temp, "target": config.model, "draft": config.model_draft, "engines": {},
                "draft_engine": draft_info.describe() if draft_info else "torch", "datasets": {}}
     lineup = Lineup()
     with ExitStack() as stack:
         for engine in engines:
             child = stack.enter_context(VerifierChild(VerifierConfig(
-                model=args.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions_needed(args)),
+                model=config.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions_needed(config)),
                 link=LinkConfig(endpoint=CHILD_ENDPOINT))))
             results["engines"][engine] = child.target
-            add_dovetail_rows(lineup, args, home, systems, child.endpoint, engine, suffix[engine], draft_model, tokenizer)
-        add_baseline_rows(lineup, args, home, systems, dtype_name, tokenizer)
+            add_dovetail_rows(lineup, config, home, systems, child.endpoint, engine, suffix[engine], draft_model, tokenizer)
+        add_baseline_rows(lineup, config, home, systems, dtype_name, tokenizer)
         for s in lineup.active:  # closed before the verifiers stop, on every exit path
             stack.callback(s.close)
         for s in lineup.active:  # warm-up: one short generation each (not measured)
-            s.generate(prompt_sets[0][1][0][1], 4, args.temp, args.seed)
+            s.generate(prompt_sets[0][1][0][1], 4, config.temp, config.seed)
         for name, prompts in prompt_sets:
-            results["datasets"][name] = measure(lineup, name, prompts, args, home, suffix, dtype_name)
+            results["datasets"][name] = measure(lineup, name, prompts, config, home, suffix, dtype_name)
     results["rows"] = lineup.rows
     return results
 
 
-def load_prompt_sets(args, tokenizer) -> list[tuple[str, list]]:
+def load_prompt_sets(config: BenchConfig, tokenizer) -> list[tuple[str, list]]:
     """(dataset name, [(prompt id, token ids)]) per --dataset (or the --prompts file), --limit each."""
-    datasets = [d.strip() for d in args.dataset.split(",")] if not args.prompts else [None]
-    limits = [int(x) for x in str(args.limit).split(",")]
+    datasets = [d.strip() for d in config.dataset.split(",")] if not config.prompts else [None]
+    limits = [int(x) for x in str(config.limit).split(",")]
     if len(limits) not in (1, len(datasets)):
-        raise ValueError(f"--limit {args.limit}: give one number, or one per dataset ({len(datasets)})")
+        raise ValueError(f"--limit {config.limit}: give one number, or one per dataset ({len(datasets)})")
     limits = limits * len(datasets) if len(limits) == 1 else limits
-    return [load_prompts(d, args.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
+    return [load_prompts(d, config.prompts, n, tokenizer) for d, n in zip(datasets, limits)]
 
 
-def sessions_needed(args) -> int:
+def sessions_needed(config: BenchConfig) -> int:
     """Every system keeps its session open for the whole run: the verifier must not close the oldest."""
-    heads = [h for h in (args.head or "").split(",") if h]
-    return 3 + len(dovetail_modes(args)) + len(heads) * len(tree_modes(args.trees or HEAD_TREES, "dovetail-head", args))
+    heads = [h for h in (config.head or "").split(",") if h]
+    return 3 + len(dovetail_modes(config)) + len(heads) * len(tree_modes(config.trees or HEAD_TREES, "dovetail-head", config))
 
 
-def add_dovetail_rows(lineup: Lineup, args, home: Path, systems: list[str], endpoint: str, engine: str, tag: str,
+def add_dovetail_rows(lineup: Lineup, config: BenchConfig, home: Path, systems: list[str], endpoint: str, engine: str, tag: str,
                       draft_model, tokenizer) -> None:
     """`target`, the lookup rows, the draft LM's rows and every head's, on one engine's verifier."""
-    draft_name = Path(args.model_draft).name
+    draft_name = Path(config.model_draft).name
     if "target" in systems:
         lineup.add(DovetailSystem(f"target{tag}", endpoint, None, tokenizer, DraftConfig()), engine)
     # lookup rows: each its own Lookup, so its index of earlier outputs holds only its own outputs
     for system, name, draft in (("ngram", "dovetail-ngram", None), ("ngram+draft", f"dovetail-ngram+{draft_name}", draft_model)):
         if system in systems:
-            cfg = DraftConfig(draft_max=args.draft_max, lookup_max=args.lookup_max)
+            cfg = DraftConfig(draft_max=config.draft_max, lookup_max=config.lookup_max)
             lineup.add(DovetailSystem(name + tag, endpoint, Choice(Lookup(), draft) if draft else Lookup(), tokenizer, cfg),
                        engine, {"draft": name.removeprefix("dovetail-"), "engine": engine, "lookup": True})
     if "dovetail" in systems:
-        for name, (cfg, shape) in dovetail_modes(args).items():
+        for name, (cfg, shape) in dovetail_modes(config).items():
             lineup.add(DovetailSystem(name + tag, endpoint, draft_model, tokenizer, cfg), engine,
-                       {"draft": args.model_draft, "engine": engine, **shape})
-        for head_dir in [h for h in (args.head or "").split(",") if h]:
-            head, _ = open_draft(head_dir, home, args.draft_dtype, "cpu")
-            for name, (cfg, shape) in tree_modes(args.trees or HEAD_TREES, "dovetail-head", args).items():
+                       {"draft": config.model_draft, "engine": engine, **shape})
+        for head_dir in [h for h in (config.head or "").split(",") if h]:
+            head, _ = open_draft(head_dir, home, config.draft_dtype, "cpu")
+            for name, (cfg, shape) in tree_modes(config.trees or HEAD_TREES, "dovetail-head", config).items():
                 lineup.add(DovetailSystem(f"{name}-{Path(head_dir).name}{tag}", endpoint, head, tokenizer, cfg), engine,
                            {"draft": Path(head_dir).name, "head_layers": head.config.layers, "engine": engine,
                             "fusion": head.config.fusion, **shape})
 
 
-def add_baseline_rows(lineup: Lineup, args, home: Path, systems: list[str], dtype_name: str, tokenizer) -> None:
+def add_baseline_rows(lineup: Lineup, config: BenchConfig, home: Path, systems: list[str], dtype_name: str, tokenizer) -> None:
     """transformers' `hf` / `hf-assisted`, and llama.cpp's binaries on the same GGUF file."""
     from ..lm_torch import eos_ids, load_model, resolve_dtype
 
     if "hf" in systems or "hf-assisted" in systems:
-        hf_target, _ = load_model(args.model, home, resolve_dtype(dtype_name))
+        hf_target, _ = load_model(config.model, home, resolve_dtype(dtype_name))
         eos = eos_ids(hf_target, tokenizer)
         if "hf" in systems:
             lineup.add(HFSystem("hf", hf_target, eos=eos))
         if "hf-assisted" in systems:  # transformers' own assisted generation needs a torch draft module
-            hf_draft = lm.open_lm(args.model_draft, home, "torch", dtype=args.draft_dtype if args.draft_dtype != "auto" else "int8")
+            hf_draft = lm.open_lm(config.model_draft, home, "torch", dtype=config.draft_dtype if config.draft_dtype != "auto" else "int8")
             lineup.add(HFSystem("hf-assisted", hf_target, assistant=hf_draft.model, eos=eos))
-    spec_types = [t for t in args.llamacpp_ngram.split(",") if t] if "llamacpp-ngram" in systems else []
+    spec_types = [t for t in config.llamacpp_ngram.split(",") if t] if "llamacpp-ngram" in systems else []
     for name, spec_type in [(n, None) for n in ("llamacpp", "llamacpp-spec") if n in systems] + [
             (f"llamacpp-ngram:{t}", t) for t in spec_types]:
-        found = llamacpp_parts(home, args.model, args.model_draft)
+        found = llamacpp_parts(home, config.model, config.model_draft)
         if isinstance(found, str):
             log.warning("skipping %s: %s", name, found)
             print(f"skipping {name}: {found}", file=sys.stderr)
@@ -216,17 +216,17 @@ def add_baseline_rows(lineup: Lineup, args, home: Path, systems: list[str], dtyp
             lineup.add(LlamaCppSystem(name, *found, tokenizer, threads=os.cpu_count() or 1, spec_type=spec_type))
 
 
-def measure(lineup: Lineup, name: str, prompts: list, args, home: Path, suffix: dict[str, str], dtype_name: str) -> dict:
+def measure(lineup: Lineup, name: str, prompts: list, config: BenchConfig, home: Path, suffix: dict[str, str], dtype_name: str) -> dict:
     """Every system on every prompt of one dataset, interleaved prompt by prompt, and the summary."""
     runs = {s.name: [] for s in lineup.active}
     for pid, ids in tqdm(prompts, desc=f"bench {name}", unit="prompt"):
         for s in lineup.active:  # interleaved: every system sees the machine in the same state
-            runs[s.name].append(s.generate(ids, args.n_predict, args.temp, args.seed))
-    references = greedy_references(runs, lineup.engine_of, suffix) if args.temp == 0 else None
+            runs[s.name].append(s.generate(ids, config.n_predict, config.temp, config.seed))
+    references = greedy_references(runs, lineup.engine_of, suffix) if config.temp == 0 else None
     summary = report.summarize(runs, "target" if "target" in runs else None, references,
                                "llamacpp" if "llamacpp" in runs else None)
     if references:
-        add_divergences(summary, runs, references, lineup.engine_of, prompts, args.model, home, dtype_name)
+        add_divergences(summary, runs, references, lineup.engine_of, prompts, config.model, home, dtype_name)
     return {"prompts": [p for p, _ in prompts], "summary": summary,
             "identical_reference": "each row's engine's target row (one token per step)"}
 
