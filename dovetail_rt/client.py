@@ -279,7 +279,10 @@ class Client:
         the next generation prefills its whole prompt. The bench calls it between prompts, so that a row
         runs with only its own cells in the pool, as llama.cpp's row does."""
         if self.session is not None:
-            self._request(Message(MsgType.END, fields={"session": self.session}))
+            try:
+                self._request(Message(MsgType.END, fields={"session": self.session}))
+            except VerifierError:  # already gone (reclaimed, or a restarted verifier): nothing to give back
+                pass
             self.session = None
         self._hello()
 
@@ -372,6 +375,7 @@ class Client:
                 raise
             reply = self._resume(list(input_ids), start, exc)
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
+        stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
         take = _until_done([reply.fields["bonus"]], left, eos)
@@ -403,6 +407,7 @@ class Client:
                     stats.resumed += 1  # the target prefills what is committed and gives the next token
                     # (a seed goes on as it was: each position has its own draw, so the text is unchanged)
                     reply = self._resume(committed, dict(start, generated=len(committed) - len(input_ids)), exc)
+                    stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
                     take = _until_done([reply.fields["bonus"]], left, eos)
                     if lps is not None:
                         lps += _logprobs(reply)[: len(take)]

@@ -132,16 +132,25 @@ class Constraint:
 
     def __init__(self, matcher, vocab_size: int, eos: list[int]):
         self.matcher, self.vocab_size, self.eos = matcher, vocab_size, eos
+        self.done = False  # complete, on a target with no EOS to end on: what follows is free
 
     def allowed(self) -> torch.Tensor:
         """[vocab] bool: the tokens the grammar allows next (EOS alone once it is complete; EOS if it
-        allows nothing, so a generation always ends)."""
+        allows nothing, so a generation always ends). A target with no EOS cannot end on it: once the
+        grammar is complete, every token is allowed (the generation runs to its token limit, as it would
+        without a grammar)."""
+        if self.done:
+            return torch.ones(self.vocab_size, dtype=torch.bool)
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool))
         if not allowed.any():
-            if not self.eos:
+            if self.eos:
+                allowed[self.eos] = True
+            elif self.matcher.is_accepting():
+                self.done = True
+                return self.allowed()
+            else:
                 raise GrammarError("nothing this grammar allows next is in the target's vocabulary (and it has no EOS)")
-            allowed[self.eos] = True
         return allowed
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
@@ -149,12 +158,16 @@ class Constraint:
         return logits.masked_fill(~self.allowed(), float("-inf"))
 
     def consume(self, token: int) -> None:
+        if self.done:
+            return
         if not self.matcher.consume_token(token) and token not in self.eos:
             raise GrammarError(f"token {token} is not allowed here: {self.matcher.get_error()}")
 
     def cut(self, tokens: list[int], parents: list[int]) -> list[int]:
         """The draft nodes (indices into ``tokens``, the root at 0 included) whose whole path from the
         root the grammar allows; the rest could never be accepted. The state is left as it was."""
+        if self.done:
+            return list(range(len(tokens)))
         keep, children = [0], [[] for _ in tokens]
         for i, p in enumerate(parents[1:], 1):
             children[p].append(i)

@@ -478,7 +478,7 @@ class Completions:
             if getattr(exc, "code", None) in ("kv_full", "busy"):  # the verifier is full for now: come back
                 return fail(503, f"the server is busy: {exc}", "server_error", headers={"Retry-After": "1"})
             if getattr(exc, "code", None) == "bad_grammar":  # compiled here, but not for this target's vocabulary
-                return fail(400, str(exc), param="response_format")
+                return fail(400, str(exc), param=(req.constraint() or ["response_format"])[0])
             return fail(500, f"generation failed: {exc}", "server_error")
         finally:
             gen.abandon()

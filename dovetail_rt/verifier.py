@@ -100,6 +100,7 @@ class Verifier:
         prompt = protocol.get_int_list(msg, "prompt", 0, self.vocab_size - 1, self.max_positions - 1)
         if not prompt:
             raise ProtocolError("the prompt is empty: send at least one token", "out_of_range")
+        constraint = self._constraint(msg, prompt)  # a refused grammar leaves the session as it was
         s.params = sampling.SamplingParams(
             temperature=protocol.get_float(msg, "temperature", 0.0, 100.0, 0.0),
             top_k=protocol.get_int(msg, "top_k", 0, self.vocab_size, 0),
@@ -117,7 +118,7 @@ class Verifier:
             s.state, s.want_features = self.target.session(features=want_features), want_features
         s.state.truncate(0)
         self._abandon(s, "superseded", "a newer START on this session replaced this one before its prompt went in")
-        s.constraint = self._constraint(msg, prompt)
+        s.constraint, s.grammar_s = constraint, 0.0
         s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt))
 
     def _constraint(self, msg: Message, prompt: list[int]):

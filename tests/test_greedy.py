@@ -209,3 +209,19 @@ def test_a_grammar_that_does_not_compile_is_refused_by_name(engine):
     with Client(verifier=verifier.endpoint, draft=None, timeout_s=30) as client:
         with pytest.raises(VerifierError, match="bad_grammar|grammar"):
             client.generate([5], 4, grammar="%%% not a grammar")
+
+
+@pytest.mark.timeout(120)
+def test_a_complete_grammar_ends_on_eos_or_lets_the_rest_run(engine, target):
+    """Once the grammar is complete: EOS where the target has one (the torch tiny model: id 2), else
+    (the tiny GGUF has no EOS) every token is allowed and the generation runs to its limit."""
+    verifier, target_lm = engine
+    done = grammar.compile_grammar("regex", "w1w3w5")
+    with Client(verifier=verifier.endpoint, draft=noisy_copy(target, noise=0.3), draft_config=DRAFTS["chain-3"],
+                timeout_s=30) as client:
+        out = client.generate([5, 7, 9], 8, grammar=done).token_ids
+    assert out[:3] == [1, 3, 5] and out == constrained_greedy(target_lm, [5, 7, 9], len(out), done)
+    if target_lm.info.eos:
+        assert out == [1, 3, 5, target_lm.info.eos[0]]
+    else:
+        assert len(out) == 8
