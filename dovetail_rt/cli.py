@@ -384,7 +384,7 @@ def cmd_run(args) -> int:
     from .launcher import VerifierChild
 
     store.resolve(args.model, dovetail_home())  # a clear error before anything starts
-    from .drafter import model_part
+    from .draft_kinds import model_part
 
     if model_part(args.model_draft):
         store.resolve(model_part(args.model_draft), dovetail_home())
@@ -415,7 +415,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from . import server
-    from .drafter import model_part
+    from .draft_kinds import model_part
 
     home = dovetail_home()
     if args.verifier is None:

@@ -18,7 +18,8 @@ import torch
 from . import protocol, store, transport
 from .config import DraftConfig, LinkConfig, dovetail_home
 from .cost import sized
-from .drafter import Feedback, make_drafter, open_draft
+from .draft_kinds import make_drafter, open_draft
+from .drafter import Feedback
 from .protocol import Message, MsgType
 from .sampling import SamplingParams
 

@@ -3,8 +3,8 @@
 Every draft kind is a :class:`Drafter` (the calls the loop in ``client.py`` makes, so it never changes).
 Kinds: ``DraftLM`` (a small LM), ``HeadDrafter`` (the Dovetail feature head), ``ngram.NgramDrafter``
 (lookup in the context and earlier outputs), ``Chooser`` (ngram+DRAFT: the lookup when it pays, else
-the model draft) and ``NoDraft``. ``open_draft`` + ``make_drafter`` below are the one place a draft
-kind is built from a spec.
+the model draft) and ``NoDraft``. ``draft_kinds.py`` is the one place a draft kind is named, opened
+and built from a spec.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import time
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -250,94 +249,6 @@ class Chooser(Drafter):
         draft = self.lookup.propose(committed, budget)
         self.used = self.lookup if len(draft) else self.model
         return draft if len(draft) else self.model.propose(committed, budget)
-
-
-LOOKUP = "ngram"  # -md ngram, -md ngram+DRAFT
-
-
-def model_part(spec: str) -> str | None:
-    """The model a draft spec names: None for ``ngram``, DRAFT for ``ngram+DRAFT``, else the spec."""
-    return None if spec == LOOKUP else spec[len(LOOKUP) + 1:] if spec.startswith(LOOKUP + "+") else spec
-
-
-def open_draft(draft, home: Path, dtype: str = "auto", device: str = "cpu", engine: str = "auto", threads: int | None = None,
-               sessions: int = 1):
-    """-> (draft model, tokenizer or None) for ``make_drafter``. ``draft``: None (no draft), a spec
-    (``ngram``: lookup in the context and earlier outputs; ``ngram+DRAFT``: that, else DRAFT; a Dovetail
-    head folder, detected by its config, or a small LM: installed name, folder, .gguf, hub id), an
-    opened ``lm.LM``, a ``DraftHead``, a ``ngram.Lookup`` or ``Choice``, or a torch causal LM module
-    (tests, the bench).
-
-    A small LM runs on ``engine`` (auto: llama.cpp for a GGUF draft on the CPU, torch on CUDA).
-    Torch precision: ``dtype`` auto = float16 on CUDA, int8 dynamic quantization on the CPU; a head
-    runs in bfloat16 on a CPU with BF16 instructions, else float32. Draft precision never changes
-    the output (verification is lossless); it moves acceptance a little and draft time a lot (2-core
-    dev CPU: one 0.5B token 148 / 75 / 41 ms in torch float32 / bfloat16 / int8, 12-15 ms on llama.cpp).
-    """
-    from . import draft_head, store
-
-    if draft is None or isinstance(draft, (draft_head.DraftHead, ngram.Lookup)) or hasattr(draft, "session"):
-        return draft, None
-    if isinstance(draft, Choice):
-        model, tokenizer = open_draft(draft.model, home, dtype, device, engine, threads, sessions)
-        return Choice(draft.lookup, model), tokenizer
-    if model_part(str(draft)) is None:
-        return ngram.Lookup(), None
-    if model_part(str(draft)) == "":
-        raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
-    if model_part(str(draft)) != str(draft):
-        model, tokenizer = open_draft(model_part(str(draft)), home, dtype, device, engine, threads, sessions)
-        if model is None or isinstance(model, (ngram.Lookup, Choice)):
-            raise ValueError(f"-md {draft}: after 'ngram+' name a draft model or head, e.g. ngram+qwen2.5-coder-0.5b")
-        return Choice(ngram.Lookup(), model), tokenizer
-    if isinstance(draft, torch.nn.Module):
-        return lm.open_lm("module", home, "torch", model=draft, device=device), None
-    path = Path(str(draft)).expanduser()
-    if path.is_dir() and draft_head.is_head_folder(path):
-        from .lm_torch import cpu_has_bf16, resolve_dtype
-
-        name = ("bfloat16" if cpu_has_bf16() else "float32") if dtype in ("auto", "int8") and device == "cpu" else dtype
-        head = draft_head.load_head(path, home, resolve_dtype(name, device), device)
-        return head, store.load_tokenizer(head.config.target, home)
-    engine = lm.choose_engine(engine, str(draft), home, device)
-    if engine == "torch" and dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "int8"
-    model = lm.open_lm(str(draft), home, engine, dtype=dtype, device=device, threads=threads, sessions=sessions)
-    tokenizer = getattr(model, "tokenizer", None) or store.load_tokenizer(str(draft), home)
-    return model, tokenizer
-
-
-def share(draft):
-    """An opened draft (``open_draft``) made ready for several Clients drafting at once in their own
-    threads (the server): a small LM whose engine batches sessions forwards through one
-    ``lm_shared.SharedLM``, so their draft forwards that wait together run as one pass. Other kinds
-    are returned as they are (a lookup index is already shared under its lock; a head is not batched)."""
-    from .lm_shared import SharedLM
-
-    if isinstance(draft, Choice):
-        return Choice(draft.lookup, share(draft.model))
-    if hasattr(draft, "session") and getattr(draft.info, "batches", False) and not isinstance(draft, SharedLM):
-        return SharedLM(draft)
-    return draft
-
-
-def make_drafter(model, config: DraftConfig, verify_curve: dict | None = None):
-    """The draft kind for an opened draft (``open_draft``): a lookup, a lookup-or-model choice, a
-    feature head, a standalone LM, or None = no draft (the target decodes one token per step: the
-    baseline the bench calls `target`). Each kind sets the caps ``config`` leaves open for the curve
-    (``cost.sized``: wider where the verifier's curve is flat)."""
-    from .draft_head import DraftHead
-
-    if model is None:
-        return NoDraft()
-    if isinstance(model, ngram.Lookup):
-        return ngram.NgramDrafter(model, config, verify_curve)
-    if isinstance(model, Choice):
-        return Chooser(ngram.NgramDrafter(model.lookup, config, verify_curve),
-                       make_drafter(model.model, config, verify_curve))
-    if isinstance(model, DraftHead):
-        return HeadDrafter(model, config, verify_curve)
-    return DraftLM(model, config, verify_curve)
 
 
 def _note_step(drafter, feedback: Feedback) -> None:

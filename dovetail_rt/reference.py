@@ -12,7 +12,8 @@ import torch
 from . import lm, sampling
 from .client import Generation, GenerationStats
 from .config import DraftConfig
-from .drafter import DraftLM, Drafter
+from .draft_kinds import make_drafter
+from .drafter import Drafter
 
 
 def speculative_generate(
@@ -20,7 +21,7 @@ def speculative_generate(
     params: sampling.SamplingParams = sampling.SamplingParams(), seed: int = 0,
 ) -> Generation:
     """``draft``: a small LM (``lm.LM``) or any ``Drafter``."""
-    drafter = draft if isinstance(draft, Drafter) else DraftLM(draft, draft_config)
+    drafter = draft if isinstance(draft, Drafter) else make_drafter(draft, draft_config)
     drafter.reset()
     stats = GenerationStats(n_prompt=len(prompt))
 

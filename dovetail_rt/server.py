@@ -184,7 +184,7 @@ class Backend:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
         from . import store
         from .client import Client
-        from .drafter import open_draft, share
+        from .draft_kinds import open_draft, share
 
         cfg = self.config
         try:

@@ -4,7 +4,8 @@ import pytest
 
 from dovetail_rt import ngram
 from dovetail_rt.config import DraftConfig
-from dovetail_rt.drafter import Choice, Chooser, Feedback, NoDraft, make_drafter, model_part, open_draft
+from dovetail_rt.draft_kinds import kind_of, make_drafter, model_part, open_draft
+from dovetail_rt.drafter import Choice, Chooser, Feedback, NoDraft
 
 
 def test_longest_match_wins():
@@ -79,6 +80,10 @@ def test_draft_specs():
     for bad in ("ngram+ngram", "ngram+"):
         with pytest.raises(ValueError, match="after 'ngram\\+'"):
             open_draft(bad, home=None)
+    assert [kind_of(s, None).name for s in ("ngram", "ngram+qwen", "ngramx", "qwen2.5-coder-0.5b")] == [
+        "ngram", "ngram+", "lm", "lm"]
+    with pytest.raises(TypeError, match="not a draft"):
+        make_drafter(object(), DraftConfig())  # an object no kind owns: said, not guessed
 
 
 def test_the_chooser_drafts_with_the_lookup_when_it_has_a_proposal():

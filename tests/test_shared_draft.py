@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dovetail_rt import lm
-from dovetail_rt.drafter import Choice, open_draft, share
+from dovetail_rt.draft_kinds import open_draft, share
+from dovetail_rt.drafter import Choice
 from dovetail_rt.lm_shared import SharedLM
 from dovetail_rt.lm_torch import open_model as open_torch
 

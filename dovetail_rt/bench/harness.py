@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .. import data, lm
 from ..config import CHILD_ENDPOINT, BenchConfig, DraftConfig, LinkConfig, VerifierConfig
-from ..drafter import Choice, open_draft
+from ..draft_kinds import open_draft
+from ..drafter import Choice
 from ..ngram import Lookup
 from ..launcher import VerifierChild
 from . import report
