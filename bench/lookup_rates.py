@@ -1,11 +1,13 @@
 """Run lengths of lookup drafts (-md ngram) per match length, the data behind ``ngram.PRIOR_RATES``.
 
 Every lookup proposal is sent whole (chains of up to 16 tokens, no cost model) to a llama.cpp verifier
-of the installed target; per bucket of match lengths it prints (steps, hits / (hits + misses)), where
-hits are accepted draft tokens and a miss is a step whose draft was not accepted to its end: the
-per-token rate of a geometric run length. Cumulative over the specs, one line after each:
+of the installed target; per bucket of match lengths it prints (steps, first, rate) as ``RunLength``
+learns them: ``first`` the share of steps whose first draft token was accepted, ``rate`` the chance of
+each next token given the one before (hits: accepted tokens after the first; a miss: a step that had
+its first token accepted but stopped before the draft's end). Cumulative over the specs, one line after each:
 
-    python bench/lookup_rates.py humaneval-edit:100:106:200 mtbench:60:66:128   # DATASET:FIRST:LAST:N_NEW
+    python bench/lookup_rates.py humaneval-edit:100:110:200 humaneval-review:100:110:200 mtbench:60:70:128
+    # DATASET:FIRST:LAST:N_NEW
 """
 
 from __future__ import annotations
@@ -20,24 +22,21 @@ from dovetail_rt.launcher import VerifierChild
 
 
 class Measured(ngram.NgramDrafter):
-    """The lookup drafter, counting hits and misses per match-length bucket of what it sent."""
+    """The lookup drafter, counting per match-length bucket of what it sent: steps, first-token hits,
+    and the run's hits and misses after the first token."""
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.sent: tuple[int, int] | None = None
-        self.steps, self.hits, self.misses = defaultdict(int), defaultdict(int), defaultdict(int)
-
-    def propose(self, committed, budget):
-        draft = super().propose(committed, budget)
-        self.sent = self.last if len(draft) else None  # (bucket, depth sent): chains, so depth = length
-        return draft
+        self.count = defaultdict(lambda: [0, 0, 0, 0])  # bucket -> [steps, first hits, hits, misses]
 
     def observe(self, feedback):
-        if self.sent:
-            b, k = self.sent
-            self.steps[b] += 1
-            self.hits[b] += feedback.n_accepted
-            self.misses[b] += feedback.n_accepted < k
+        if self.last is not None and len(self.last[1]):
+            b, sent = self.last
+            c, a = self.count[b], feedback.n_accepted
+            c[0] += 1
+            c[1] += a > 0
+            c[2] += max(a - 1, 0)
+            c[3] += 0 < a < len(sent)  # chains: whole = accepted to the end
         super().observe(feedback)
 
 
@@ -52,11 +51,11 @@ def main(specs: list[str]) -> None:
             for spec in specs:
                 name, first, last, n_new = spec.split(":")
                 for p in data.load(name)[int(first):int(last)]:
-                    client.generate(encode_prompt(tokenizer, p.text, p.chat), int(n_new))
-                rates = {b: (drafter.steps[b], round(drafter.hits[b] / (drafter.hits[b] + drafter.misses[b]), 3))
-                         for b in sorted(drafter.steps)}
+                    client.generate(encode_prompt(tokenizer, p.text, p.chat, p.messages[:-1]), int(n_new))
+                rates = {b: (n, round(first / n, 3), round(hits / max(hits + misses, 1), 3))
+                         for b, (n, first, hits, misses) in sorted(drafter.count.items())}
                 print(spec, rates, flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["humaneval-edit:100:106:200", "mtbench:60:66:128"])
+    main(sys.argv[1:] or ["humaneval-edit:100:110:200", "humaneval-review:100:110:200", "mtbench:60:70:128"])

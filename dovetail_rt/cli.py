@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .config import (CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, WIDEST, BenchConfig, DraftConfig, LinkConfig,
-                     ServeConfig, dovetail_home)
+from .config import (CHILD_ENDPOINT, DRAFT_MAX, ENGINE_CHOICES, TREE_TOKENS, WIDEST, BenchConfig, ClientConfig,
+                     DraftConfig, LinkConfig, ServeConfig, dovetail_home)
 from .verifier_options import add_verifier_options, placement_config, verifier_config
 
 log = logging.getLogger("dovetail")
@@ -92,17 +92,22 @@ def add_key_options(p: argparse.ArgumentParser) -> None:
 
 
 def serve_config(args) -> ServeConfig:
-    from .client import resolve_device
-
     child = None if args.verifier else verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT),
                                                        max_sessions=args.parallel + 1)
-    return ServeConfig(model=args.model, draft=args.model_draft, home=dovetail_home(), verifier=args.verifier,
-                       child=child, placement=placement_config(args), host=args.host, port=args.port,
-                       parallel=args.parallel, queue=args.queue, api_key=args.api_key, draft_config=draft_config(args),
-                       cors_origins=cors_origins(args.cors_origin), aliases=tuple(args.alias),
-                       draft_engine=args.draft_engine, draft_dtype=args.draft_dtype,
-                       device=resolve_device(args.device_draft), timeout_s=args.timeout,
-                       curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key)
+    return ServeConfig(model=args.model, home=dovetail_home(), client=client_config(args, child=child is not None),
+                       verifier=args.verifier, child=child, placement=placement_config(args), host=args.host,
+                       port=args.port, parallel=args.parallel, queue=args.queue, api_key=args.api_key,
+                       cors_origins=cors_origins(args.cors_origin), aliases=tuple(args.alias))
+
+
+def client_config(args, child: bool = False) -> ClientConfig:
+    """The draft options of `generate`, `run` and `serve` as one config. ``child``: the verifier is this
+    command's own child (on this host, no keys; its endpoint is known once it runs)."""
+    keys = {} if child else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
+    link = LinkConfig(endpoint=CHILD_ENDPOINT if child else args.verifier or LinkConfig.endpoint,
+                      timeout_s=args.timeout, **keys)
+    return ClientConfig(draft=args.model_draft, draft_config=draft_config(args), device=args.device_draft,
+                        dtype=args.draft_dtype, engine=args.draft_engine, link=link)
 
 
 def cors_origins(given: list[str] | None) -> tuple[str, ...]:
@@ -233,7 +238,10 @@ def _bench_parser(sub) -> None:
     p.add_argument("--cost-model", default="on", choices=["on", "off", "both"],
                    help="dovetail rows sized by the cost model (on, default), fixed shapes (off: chains stop by draft "
                         "confidence, trees are sent whole; rows named ...-fixed; for sweeps of exact tree sizes), or both")
-    p.add_argument("--dataset", default="humaneval", help="humaneval, humaneval-edit (its solutions given back edited: where lookup drafts pay), mtbench, sharegpt (held-out slice), or a comma list")
+    p.add_argument("--dataset", default="humaneval",
+                   help="humaneval, humaneval-edit (its solutions given back edited: where lookup drafts pay), "
+                        "humaneval-review (a second chat turn rewrites the first turn's code), mtbench, sharegpt "
+                        "(held-out slice), or a comma list")
     p.add_argument("--prompts", default=None, help="your own JSONL prompts: {\"prompt\": ..., \"chat\": bool, \"id\": ...} a line")
     p.add_argument("--limit", default="10", help="prompts per dataset, or one number per dataset: 20,20,5 (default 10; 0 = all)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="new tokens per prompt (default 128)")
@@ -331,10 +339,7 @@ def cmd_generate(args, endpoint: str | None = None, reconnect=None) -> int:
     from .detok import IncrementalDetokenizer
     from .sampling import SamplingParams
 
-    keys = {} if endpoint else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
-    client = Client(verifier=endpoint or args.verifier, draft=args.model_draft, device=args.device_draft,
-                    draft_config=draft_config(args), timeout_s=args.timeout, dtype=args.draft_dtype,
-                    engine=args.draft_engine, reconnect=reconnect, **keys)
+    client = Client.from_config(client_config(args, child=endpoint is not None), endpoint=endpoint, reconnect=reconnect)
     with client:
         ids = client.encode(read_prompt(args), chat=args.chat)
         stream = None if args.json else IncrementalDetokenizer(client.tokenizer)

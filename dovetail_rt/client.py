@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import protocol, store, transport
-from .config import DraftConfig, LinkConfig, dovetail_home
+from .config import ClientConfig, DraftConfig, LinkConfig, dovetail_home
 from .cost import sized
 from .draft_kinds import make_drafter, open_draft
 from .drafter import Feedback
@@ -60,6 +60,7 @@ class KindStats:
 @dataclass
 class GenerationStats:
     n_prompt: int = 0
+    n_cached: int = 0  # prompt tokens the verifier's prefix cache held already (not prefilled)
     n_generated: int = 0
     n_drafted: int = 0
     n_accepted: int = 0
@@ -173,6 +174,18 @@ class Client:
             self.close()  # the session (if opened) and the socket
             raise
 
+    @classmethod
+    def from_config(cls, config: ClientConfig, *, endpoint: str | None = None, draft=None, tokenizer=None,
+                    home: Path | None = None, reconnect=None) -> "Client":
+        """A Client as ``config`` says; ``endpoint`` instead of its link's (a child verifier's), ``draft``
+        an already opened draft instead of opening ``config.draft`` (a server's shared one)."""
+        link = config.link
+        return cls(verifier=endpoint or link.endpoint, draft=config.draft if draft is None else draft,
+                   device=config.device, tokenizer=tokenizer, draft_config=config.draft_config,
+                   timeout_s=link.timeout_s, dtype=config.dtype, home=home, engine=config.engine,
+                   curve_secret_key=link.curve_secret_key, curve_server_key=link.curve_server_key,
+                   reconnect=reconnect)
+
     # ---- session ------------------------------------------------------------------------------
     def _connect(self, endpoint: str) -> transport.Connection:
         return transport.Connection(endpoint, self.link.timeout_s, self.link.max_message_bytes,
@@ -275,10 +288,11 @@ class Client:
         self.close()
 
     def new_session(self) -> None:
-        """END this client's verifier session and open an empty one: its KV cells go back to the
-        shared pool now (a session otherwise keeps its last context for the next prompt's prefix), and
-        the next generation prefills its whole prompt. The bench calls it between prompts, so that a row
-        runs with only its own cells in the pool, as llama.cpp's row does."""
+        """END this client's verifier session and open an empty one: its state goes to the verifier's
+        prefix cache (any session's next prompt that starts with it takes it; a session otherwise keeps
+        it for its own next prompt), or back to the shared pool. The bench calls it between prompts (and
+        starts its verifier without a prefix cache), so that a row runs with only its own cells in the
+        pool, as llama.cpp's row does."""
         if self.session is not None:
             try:
                 self._request(Message(MsgType.END, fields={"session": self.session}))
@@ -370,6 +384,8 @@ class Client:
         if grammar is not None:
             start["grammar"] = grammar
         try:
+            if self.session is None:  # a new_session() that could not open one
+                self._hello()
             reply = self._request(Message(MsgType.START, fields=dict(start, session=self.session, prompt=list(input_ids))))
         except (transport.LinkLost, VerifierError) as exc:
             if not self._lost(exc):
@@ -377,6 +393,7 @@ class Client:
             reply = self._resume(list(input_ids), start, exc)
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
         stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
+        stats.n_cached = protocol.get_int(reply, "cached", 0, len(input_ids), 0)
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
         take = _until_done([reply.fields["bonus"]], left, eos)
@@ -417,7 +434,7 @@ class Client:
                 # 3 commit: accepted tokens + the target's bonus token
                 accepted, verify_s = reply.fields["accepted"], float(reply.fields.get("verify_s", 0.0))
                 self.drafter.observe(Feedback(reply.tensors.get("features"), len(draft), len(accepted), verify_s, t2 - t1,
-                                              protocol.get_int(reply, "rows", 0, None, 0)))
+                                              protocol.get_int(reply, "rows", 0, None, 0), tuple(accepted)))
                 stats.record_step(len(draft), len(accepted), t2 - t1, verify_s, t3 - t2, draft.kind,
                                   protocol.get_int(reply, "batch", 1, None, 1))
                 stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
@@ -443,14 +460,15 @@ def _until_done(new: list[int], left: int, eos: set) -> list[int]:
     return take
 
 
-def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
-    """Prompt text -> ids; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+def encode_prompt(tokenizer, text: str, chat: bool = False, history: list[dict] = ()) -> list[int]:
+    """Prompt text -> ids; with ``chat`` the tokenizer's chat template wraps it as a user turn after the
+    ``history`` messages ({"role", "content"}) before it."""
     if tokenizer is None:
         raise ValueError("no tokenizer here (the draft has none, and the target's files are not on this host): pass "
                          "token ids (or Client(tokenizer=...)), or install the target here: dovetail models install")
     if chat:
         return list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False,
+            [*history, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False,
         ))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

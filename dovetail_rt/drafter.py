@@ -33,6 +33,7 @@ class Feedback:
     verify_s: float = 0.0
     draft_s: float = 0.0
     rows: int = 0  # tokens in the verifier pass, every session's (0: this step's own)
+    accepted: tuple[int, ...] = ()  # the accepted draft tokens (the path taken through a tree)
 
 
 def size_tree(draft: DraftTree, cost: CostModel, config: DraftConfig, started: float) -> tuple[DraftTree, list[float]]:

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 from . import tree
 from .config import DraftConfig
-from .cost import PROBE_EVERY, PROBE_MAX, CostModel, sized
+from .cost import PROBE_EVERY, PROBE_MAX, CostModel, flat_width, sized
 from .tree import DraftTree
 
 SCAN = 64  # occurrences looked at per source and step, the most recent first
-TOP_K = 3  # branching of lookup trees unless --tree-top-k says otherwise
+TOP_K = 3  # branching of lookup trees on a steep curve, unless --tree-top-k says otherwise
 INDEX_TOKENS = 1 << 16  # default size cap of the suffix index of earlier outputs
 
 
@@ -63,13 +63,15 @@ class TokenIndex:
             if i:
                 self.after2[(self.tokens[i - 1], tok)].append(i + 1)
 
-    def matches(self, tail: list[int], n_min: int, n_max: int) -> tuple[int, list[int]]:
+    def matches(self, tail: list[int], n_min: int, n_max: int, end: int | None = None) -> tuple[int, list[int]]:
         """(n, continuation starts) of the longest matches of ``tail``'s last n tokens, n_min <= n <= n_max,
-        most recent first, each with at least one token after it; (0, []) when none."""
+        most recent first, each with at least one token after it and starting before ``end`` (default:
+        the sequence's end); (0, []) when none."""
         toks, best, found = self.tokens, 0, []
+        end = len(toks) if end is None else end
         if len(tail) >= 2 and n_max >= 2:
             for pos in reversed(self.after2.get((tail[-2], tail[-1]), ())[-SCAN - 1:]):
-                if pos >= len(toks) or pos - 2 < self.first or toks[pos] == SEP:
+                if pos >= end or pos - 2 < self.first or toks[pos] == SEP:
                     continue  # nothing follows it (the tail itself, an output's end), or forgotten
                 n = 2
                 while n < n_max and n < pos and n < len(tail) and toks[pos - 1 - n] == tail[-1 - n]:
@@ -80,7 +82,7 @@ class TokenIndex:
                     found.append(pos)
         if not found and n_min <= 1 and tail:
             best, found = 1, [p for p in reversed(self.after1.get(tail[-1], ())[-SCAN - 1:])
-                              if self.first < p < len(toks) and toks[p] != SEP]
+                              if self.first < p < end and toks[p] != SEP]
         return (best, found) if found and best >= n_min else (0, [])
 
     def continuation(self, pos: int, depth: int) -> list[int]:
@@ -142,20 +144,41 @@ class Lookup:
     index: SuffixIndex = field(default_factory=SuffixIndex)
 
 
-def lookup(context: TokenIndex, index: SuffixIndex | None, n_min: int, n_max: int, depth: int) -> tuple[int, list[list[int]]]:
+def lookup(context: TokenIndex, index: SuffixIndex | None, n_min: int, n_max: int, depth: int,
+           skip: int = 0) -> tuple[int, list[list[int]]]:
     """(match length, continuations up to ``depth`` tokens, most recent first within each source): the
-    longest match of the context's tail in the context itself, then in the ``index`` of earlier outputs."""
-    tail = context.tokens[-n_max:]
+    longest match of the context's tail in the context itself, then in the ``index`` of earlier outputs.
+    ``skip``: match the tail without its last token and continue after the token the source has in its
+    place (a one-token substitution: an edit renamed it), or right there (an insertion): ``resume``."""
+    tail = context.tokens[-n_max - skip : len(context) - skip]
     best, conts = 0, []
     for src in [context] + ([index] if index is not None else []):
         with src.lock if src is index else nullcontext():
             found = src.index if src is index else src  # the index is swapped on a rebuild: read it once
-            n, starts = found.matches(tail, max(n_min, best, 1), n_max)
+            # not the tail itself: with ``skip``, the context's last token follows the tail's match there
+            n, starts = found.matches(tail, max(n_min, best, 1), n_max, len(found) - skip if found is context else None)
             if n > best:
                 best, conts = n, []
             if n and n == best:
-                conts += [found.continuation(p, depth) for p in starts[: SCAN - len(conts)]]
-    return best, conts
+                starts = starts[: SCAN - len(conts)]
+                if skip:  # substitution first (after the source's own token), then insertion (at it)
+                    starts = [q for p in starts for q in (p + 1, p)]
+                conts += [c for c in (found.continuation(p, depth) for p in starts) if c]
+    return (best, conts) if conts else (0, [])
+
+
+RESUME = 0  # the run-length bucket of drafts that resume a copy after an edit (``resume``)
+RESUME_MIN = 3  # tokens before the edited one that must match for a resume
+
+
+def resume(context: TokenIndex, index: SuffixIndex | None, n_max: int, depth: int) -> tuple[int, list[list[int]]]:
+    """After an edit, where the copy goes on: the context's tail before its last token, matched
+    (at least RESUME_MIN tokens) anywhere in the context and earlier outputs, and what follows the
+    token the source has in the last token's place (a rename) or what follows the match itself (an
+    inserted token). -> (match length, continuations), as ``lookup``."""
+    if len(context) <= RESUME_MIN:
+        return 0, []
+    return lookup(context, index, RESUME_MIN, n_max, depth, skip=1)
 
 
 
@@ -193,66 +216,87 @@ def bucket(n: int) -> int:
 
 
 DECAY = 0.9  # per step a match length drafts: the last ~10 such steps count
-# Priors per match-length bucket, worth PRIOR_STEPS steps: the run-length rates measured with every
-# proposal sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core EPYC):
-#   python bench/lookup_rates.py humaneval-edit:100:106:200 mtbench:60:66:128
-#   -> 1: 0.30-0.33, 2: 0.67-0.79, 3: 0.78-0.80, 4-7: 0.86, 8+: 0.97 (steps: 116-405, 45-115, 10-13, 9-10, 25-29)
-PRIOR_RATES = {1: 0.3, 2: 0.7, 3: 0.8, 4: 0.85, 8: 0.95}
+# Priors per match-length bucket, worth PRIOR_STEPS steps: (first, rate) measured with every proposal
+# sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core AMD EPYC Zen 5):
+#   python bench/lookup_rates.py humaneval-edit:100:110:200 humaneval-review:100:110:200 mtbench:60:70:128
+PRIOR_RATES = {RESUME: (0.3, 0.6), 1: (0.25, 0.55), 2: (0.45, 0.75), 3: (0.65, 0.8), 4: (0.75, 0.85), 8: (0.9, 0.95)}
 PRIOR_STEPS = 4.0
 
 
 @dataclass
 class RunLength:
-    """How far the lookup's drafts after a match of one length get accepted. A copy goes on until the
-    text departs from what it copies, so each next draft token is accepted with about the same chance
-    ``rate`` (a geometric run length): its estimate is hits / (hits + misses) over the accepted
-    lengths of recent steps (a miss: the target stopped before the draft's end). A run that was
-    accepted whole raises it, so the next draft may be longer (a per-depth calibration never learns
-    about depths it stopped drafting). Probes as in cost.py: when nothing was sent for
+    """How far the lookup's drafts after a match of one length get accepted, in two numbers. ``first``:
+    the chance that the draft's first token is (the match is right at all). ``rate``: the chance that
+    each next one is, given the one before (a copy goes on until the text departs from what it
+    copies: a geometric run). So a node ``d`` deep is reached with ``first * rate ** (d - 1)``. The two
+    differ most on edits: a short match is often wrong, but once one is right the copy runs on.
+
+    Learned from the path the target accepted: a step that reached a leaf of the tree it was sent
+    (a branch accepted whole, however short) is a hit for ``rate``, one that stopped before is a
+    miss; estimates are decayed hit / try counts. Probes as in cost.py: when nothing was sent for
     ``probe_every`` proposals in a row, one token is."""
 
+    first_hits: float
+    first_tries: float
     hits: float
     misses: float
     idle: int = 0
     probe_every: int = PROBE_EVERY
 
+    @classmethod
+    def prior(cls, first: float, rate: float, steps: float = PRIOR_STEPS) -> "RunLength":
+        return cls(steps * first, steps, steps * rate, steps * (1 - rate))
+
+    @property
+    def first(self) -> float:
+        return self.first_hits / self.first_tries
+
     @property
     def rate(self) -> float:
         return self.hits / (self.hits + self.misses)
+
+    def chance(self, depth: int) -> float:
+        """That a draft node ``depth`` deep (1: the first token) is accepted."""
+        return self.first * self.rate ** (depth - 1)
 
     @property
     def probing(self) -> bool:
         return self.idle >= self.probe_every
 
-    def observe(self, depth: int, accepted: int) -> None:
-        """A step that sent a draft ``depth`` tokens deep (0: nothing sent) and had ``accepted`` accepted."""
-        if not depth:
+    def observe(self, sent: bool, accepted: int = 0, whole: bool = False) -> None:
+        """A step that ``sent`` a draft (False: nothing) and had ``accepted`` tokens accepted, ``whole``
+        if they end at one of its leaves."""
+        if not sent:
             self.idle += 1
             return
         self.probe_every = min(2 * self.probe_every, PROBE_MAX) if self.probing else PROBE_EVERY
         self.idle = 0
-        self.hits = DECAY * self.hits + accepted
-        self.misses = DECAY * self.misses + (accepted < depth)
-
+        self.first_hits, self.first_tries = DECAY * self.first_hits + (accepted > 0), DECAY * self.first_tries + 1
+        if accepted:  # the first token's chance is counted above: the rest is the run's
+            self.hits = DECAY * self.hits + accepted - 1
+            self.misses = DECAY * self.misses + (not whole)
 
 
 class NgramDrafter:
     """``-md ngram``: prompt lookup in the session's context plus a ``SuffixIndex`` of earlier outputs.
-    A node's chance of acceptance is its share of the occurrences times rate^depth (``RunLength`` of
+    A node's chance of acceptance is its share of the occurrences times first * rate^(depth - 1) (``RunLength`` of
     the match's length); the draft sent is the set of nodes that maximises expected tokens per second
     on the verifier's measured curve (``CostModel.tree_size``)."""
 
     wants_features = False
     max_positions = 1 << 30
     kind = "ngram"
+    resumes = True  # resume copies after an edit (``resume``); off for comparisons
 
     def __init__(self, source: Lookup, config: DraftConfig, verify_curve: dict | None = None):
         self.source, self.config = source, sized(config, verify_curve)
+        # where verifying many tokens costs about what one does, every distinct continuation may go in the tree
+        self.top_k = config.tree_top_k or max(TOP_K, flat_width(verify_curve))
         self.verify = CostModel(verify_curve)  # T_V(q), prior from the curve, learned from every step
-        self.runs = {b: RunLength(PRIOR_STEPS * r, PRIOR_STEPS * (1 - r)) for b, r in PRIOR_RATES.items()}
+        self.runs = {b: RunLength.prior(first, rate) for b, (first, rate) in PRIOR_RATES.items()}
         self.context = TokenIndex()
         self.n_prompt = 0
-        self.last: tuple[int, int] | None = None  # (bucket, depth sent) of the last proposal
+        self.last: tuple[int, DraftTree] | None = None  # (match bucket, draft sent) of the last proposal
 
     def close(self) -> None:
         self.reset()
@@ -274,8 +318,11 @@ class NgramDrafter:
         if feedback.verify_s:  # 0: the step was another draft kind's (Chooser), its timing not ours
             self.verify.observe_pass(feedback.n_drafted + 1, feedback.rows, feedback.verify_s)
         if self.last is not None:
-            b, depth = self.last
-            self.runs[b].observe(depth if feedback.verify_s else 0, feedback.n_accepted)
+            b, sent = self.last
+            if not (len(sent) and feedback.verify_s):
+                self.runs[b].observe(False)
+            else:
+                self.runs[b].observe(True, feedback.n_accepted, tree.is_leaf(sent, tree.walk(sent, feedback.accepted)))
         self.last = None
 
     def propose(self, committed: list[int], budget: int) -> DraftTree:
@@ -287,16 +334,20 @@ class NgramDrafter:
         self.context.extend(committed[len(self.context):])
         cap = min(budget, cfg.draft_max)
         n, conts = lookup(self.context, self.source.index, cfg.lookup_min, cfg.lookup_max, cap) if cap > 0 else (0, [])
+        key = bucket(n)
+        if cap > 0 and n < 2 and self.resumes:  # a weak match or none: maybe an edit broke a longer one
+            n_resumed, resumed = resume(self.context, self.source.index, cfg.lookup_max, cap)
+            if n_resumed > n + 1:
+                n, conts, key = n_resumed, resumed, RESUME
         if not n:
             return DraftTree.chain([], kind=self.kind)
-        tokens, parents, counts = trie(conts, TOP_K if cfg.tree_top_k is None else cfg.tree_top_k)
+        tokens, parents, counts = trie(conts, self.top_k)
         scores = [math.log(c / len(conts)) for c in counts]
         draft = tree.prune(DraftTree(tokens, parents, scores, self.kind), cap)
-        run, depths = self.runs[bucket(n)], tree.depths(draft.parents)
+        run, depths = self.runs[key], tree.depths(draft.parents)
         if cfg.adaptive and self.verify.knows_verify:
-            chances = [math.exp(s) * run.rate ** d for s, d in zip(draft.scores, depths)]
+            chances = [math.exp(s) * run.chance(d) for s, d in zip(draft.scores, depths)]
             keep = max(self.verify.tree_size(chances, time.perf_counter() - started), int(run.probing))
             draft = tree.prune(draft, keep, chances)
-            depths = tree.depths(draft.parents)  # of what is sent
-        self.last = (bucket(n), max(depths, default=0))
+        self.last = (key, draft)
         return draft

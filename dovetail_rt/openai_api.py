@@ -283,18 +283,20 @@ def timings(stats) -> dict:
     """llama.cpp's timings block (and tau) from a GenerationStats."""
     decode_s = max(stats.seconds - stats.timings.prefill_s, 0.0)
     n_decoded = max(stats.n_generated - 1, 0)  # the prefill gives the first token
-    return {"prompt_n": stats.n_prompt, "prompt_ms": round(1000 * stats.timings.prefill_s, 3),
-            "prompt_per_second": stats.n_prompt / stats.timings.prefill_s if stats.timings.prefill_s else 0.0,
+    prefilled = stats.n_prompt - stats.n_cached  # llama.cpp's prompt_n: the tokens processed, cache_n: reused
+    return {"prompt_n": prefilled, "prompt_ms": round(1000 * stats.timings.prefill_s, 3),
+            "prompt_per_second": prefilled / stats.timings.prefill_s if stats.timings.prefill_s else 0.0,
             "predicted_n": stats.n_generated, "predicted_ms": round(1000 * decode_s, 3),
             "predicted_per_second": n_decoded / decode_s if decode_s > 0 else 0.0,
-            "draft_n": stats.n_drafted, "draft_n_accepted": stats.n_accepted, "tau": round(stats.tau, 4)}
+            "draft_n": stats.n_drafted, "draft_n_accepted": stats.n_accepted, "tau": round(stats.tau, 4),
+            "cache_n": stats.n_cached}
 
 
 def usage(stats) -> dict:
-    """OpenAI's usage block; ``cached_tokens`` is 0: every request prefills its whole prompt (a
-    session's cache is not reused across requests)."""
+    """OpenAI's usage block; ``cached_tokens``: the prompt's prefix the verifier's prefix cache held."""
     return {"prompt_tokens": stats.n_prompt, "completion_tokens": stats.n_generated,
-            "total_tokens": stats.n_prompt + stats.n_generated, "prompt_tokens_details": {"cached_tokens": 0}}
+            "total_tokens": stats.n_prompt + stats.n_generated,
+            "prompt_tokens_details": {"cached_tokens": stats.n_cached}}
 
 
 def fingerprint(*parts: str) -> str:

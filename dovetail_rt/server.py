@@ -183,22 +183,19 @@ class Backend:
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
         from . import store
-        from .client import Client
+        from .client import Client, resolve_device
         from .draft_kinds import open_draft, share
 
-        cfg = self.config
+        cfg, mine = self.config, self.config.client
         try:
             endpoint = cfg.verifier or self.child.wait_ready().endpoint
-            draft, tokenizer = open_draft(cfg.draft, cfg.home, cfg.draft_dtype, cfg.device, cfg.draft_engine,
+            draft, tokenizer = open_draft(mine.draft, cfg.home, mine.dtype, resolve_device(mine.device), mine.engine,
                                           sessions=cfg.parallel)
             draft = share(draft)  # the requests' draft forwards that wait together run as one pass
             self.metrics.watch_draft(getattr(draft, "model", draft))
             for _ in range(cfg.parallel):
-                self.clients.append(Client(verifier=endpoint, draft=draft, tokenizer=tokenizer, device=cfg.device,
-                                           draft_config=cfg.draft_config, timeout_s=cfg.timeout_s, home=cfg.home,
-                                           curve_secret_key=cfg.curve_secret_key if cfg.verifier else None,
-                                           curve_server_key=cfg.curve_server_key if cfg.verifier else None,
-                                           reconnect=lambda: self._reconnect(cfg.verifier)))
+                self.clients.append(Client.from_config(mine, endpoint=endpoint, draft=draft, tokenizer=tokenizer,
+                                                       home=cfg.home, reconnect=lambda: self._reconnect(cfg.verifier)))
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
@@ -336,6 +333,7 @@ class Generation:
                 if self.cancel.is_set():
                     stream.close()
                     break
+            self._renew()  # before "done": once a response is complete, its state is in the verifier's prefix cache
             self._put(("done", None, None))
         except Exception as exc:  # a dead verifier, a refused request: the response says so
             from .transport import LinkError
@@ -345,7 +343,7 @@ class Generation:
             log.warning("generation failed: %s", exc)
             self._put(("error", exc, None))
         finally:
-            self.client.configure(self.backend.config.draft_config)
+            self.client.configure(self.backend.config.client.draft_config)
             metrics.prompt_tokens.inc(stats.n_prompt)
             metrics.generation_tokens.inc(stats.n_generated)
             if stats.n_generated:
@@ -353,6 +351,15 @@ class Generation:
             if stats.n_generated > 1:
                 metrics.per_token.observe((stats.seconds - stats.ttft_s) / (stats.n_generated - 1))
             self._release()
+
+    def _renew(self) -> None:
+        """A fresh session for this slot's next request: the one that served this request ENDs, and its
+        state joins the verifier's prefix cache, where any slot's next prompt that starts with it (a chat's
+        next turn) takes it; an idle slot holds no cells meanwhile."""
+        try:
+            self.client.new_session()
+        except Exception as exc:  # the next request opens one (or says why it cannot)
+            log.info("could not renew the verifier session after a request: %s", exc)
 
     def _shown(self, tokens: list[int], lps: list) -> list[tuple]:
         """Each token's logprobs as the API shows them: (its text, logprob, [(text, logprob) alternatives])."""

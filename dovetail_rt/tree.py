@@ -41,6 +41,22 @@ def depths(parents: list[int]) -> list[int]:
     return [d + 1 for d in pool_depths([p - 1 for p in parents])]
 
 
+def walk(t: DraftTree, tokens) -> int:
+    """The node reached from the root along ``tokens`` (an accepted path; 0 = the root), or -1 where the
+    tree has no such path."""
+    node = 0
+    for tok in tokens:
+        node = next((i + 1 for i in range(node, len(t)) if t.parents[i] == node and t.tokens[i] == tok), -1)
+        if node < 0:
+            return -1
+    return node
+
+
+def is_leaf(t: DraftTree, node: int) -> bool:
+    """No draft node hangs from ``node`` (node ids as ``walk`` gives them; parents come before children)."""
+    return node not in t.parents[node:]
+
+
 def prune(t: DraftTree, n: int, rank: list[float] | None = None) -> DraftTree:
     """The ``n`` best nodes of a tree by ``rank`` (default: score), still a tree in wire layout (a
     child never outranks its parent and ties keep the older node, so kept nodes keep their ancestors)."""

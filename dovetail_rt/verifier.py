@@ -8,7 +8,8 @@ pass over several sessions' tokens costs far less than the passes apart), then e
 alone. A prompt goes in a chunk per pass, in the same forward as
 the others' steps: a long prefill never stalls them for long. Each session owns a model state (``lm.Session``,
 on whichever engine the target was opened) that holds the committed tokens except the last one,
-the *root*, which the next VERIFY runs first.
+the *root*, which the next VERIFY runs first. A state outlives its session in the ``PrefixCache``,
+for the next prompt that starts with what it holds (a chat's next turn).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from . import lm, protocol, sampling, transport, verify_pass
 from .config import VerifierConfig
 from .protocol import Message, MsgType, ProtocolError
 from .grammar import GrammarError, Grammars
+from .prefix_cache import PrefixCache, common_prefix
 from .transport import CappedWarnings, peer_host
 from .verify_pass import Prefill, Session, Work
 
@@ -44,6 +46,7 @@ class Verifier:
         self.grammars = grammars or Grammars(info.vocab, info.vocab_size, info.eos)
         self.hosts: dict[bytes, str] = {}  # CURVE: connection -> its authorized host (key name), this drain's
         self.orphans: list[tuple[bytes, Message]] = []  # replies to STARTs whose prompt will never go in
+        self.cache = PrefixCache(config.n_ctx if config.prefix_cache is None else config.prefix_cache)
         self._warn = CappedWarnings(log)  # refusal warnings: 20 per 10 s, the rest counted
 
     # ---- dispatch -------------------------------------------------------------------------
@@ -113,13 +116,31 @@ class Verifier:
         want_features = bool(msg.fields.get("features", False))
         if want_features and not self.target.info.features:
             raise ProtocolError(f"the {self.target.info.engine} engine gives no features: use a draft LM", "no_features")
-        if s.state is None or want_features != s.want_features:  # a state is reused across generations
-            self._drop_state(s)
-            s.state, s.want_features = self.target.session(features=want_features), want_features
-        s.state.truncate(0)
         self._abandon(s, "superseded", "a newer START on this session replaced this one before its prompt went in")
+        cached = self._reuse(s, prompt, want_features)
         s.constraint, s.grammar_s = constraint, 0.0
-        s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt))
+        s.root, s.prefill = None, Prefill(identity, msg.seq, list(prompt[cached:]), cached=cached)
+
+    def _reuse(self, s: Session, prompt: list[int], want_features: bool) -> int:
+        """Give ``s`` the target state that shares the longest prefix with ``prompt`` (its own, or one
+        a finished session left in the prefix cache, its own going there instead), truncated to that
+        prefix; -> how many prompt tokens it already holds. The prompt's last token always runs (its
+        logits choose the first token); a session that wants features (a head's) prefills its whole
+        prompt, since the head reads the features of all of it."""
+        reuse = self.cache.max_tokens and not want_features  # --prefix-cache 0: every prompt prefills whole
+        limit = len(prompt) - 1 if reuse else 0
+        own = common_prefix(s.tokens, prompt, limit) if s.state is not None and s.want_features == want_features else 0
+        hit = self.cache.take(prompt, limit, better_than=own)
+        if hit is not None:
+            entry, own = hit
+            self._release(s)
+            s.state, s.tokens, s.want_features = entry.state, entry.tokens, want_features
+        elif s.state is None or s.want_features != want_features:
+            self._release(s)
+            s.state, s.tokens, s.want_features = self.target.session(features=want_features), [], want_features
+        s.state.truncate(own)
+        del s.tokens[own:]
+        return own
 
     def _constraint(self, msg: Message, prompt: list[int]):
         """START's ``grammar`` (llguidance's, from ``grammar.compile_grammar``) as this generation's
@@ -162,7 +183,7 @@ class Verifier:
             if chunk:
                 work.append(Work(s.prefill.identity, s.prefill.seq, s, chunk, None, int(len(chunk) == len(s.prefill.left))))
                 budget -= len(chunk)
-        for w, answer in verify_pass.run_pass(self.target, work):
+        for w, answer in verify_pass.run_pass(self.target, work, make_room=self.cache.evict):
             reply = self._error_reply(w.identity, answer) if isinstance(answer, ProtocolError) else answer
             reply.seq = w.seq
             replies.append((w.identity, reply))
@@ -219,6 +240,7 @@ class Verifier:
         """Close the sessions nobody used for ``idle_timeout_s`` (a draft process that died or left
         without END): their KV memory goes back to the pool."""
         cutoff = time.monotonic() - self.config.idle_timeout_s
+        self.cache.drop_idle(cutoff)
         for s in [s for s in self.sessions.values() if s.last_used < cutoff]:
             self._close(s)
             log.info("session %d reclaimed after %.0f s idle (%d open)", s.id, self.config.idle_timeout_s, len(self.sessions))
@@ -226,7 +248,7 @@ class Verifier:
     # ---- helpers ----------------------------------------------------------------------------
     def _close(self, s: Session) -> None:
         self._abandon(s, "unknown_session", f"session {s.id} was closed before this START's prompt went in")
-        self._drop_state(s)
+        self._release(s)
         del self.sessions[s.id]
 
     def _abandon(self, s: Session, code: str, text: str) -> None:
@@ -235,11 +257,14 @@ class Verifier:
             self.orphans.append((s.prefill.identity, protocol.error(s.prefill.seq, code, text)))
             s.prefill = None
 
-    @staticmethod
-    def _drop_state(s: Session) -> None:
+    def _release(self, s: Session) -> None:
+        """``s`` gives up its target state: to the prefix cache, for a later prompt that starts with it."""
         if s.state is not None:
-            s.state.close()
-            s.state = None
+            if s.want_features:  # its features are not kept: no later prompt could take it
+                s.state.close()
+            else:
+                self.cache.put(s.tokens, s.state)
+            s.state, s.tokens = None, []
 
     # ---- the socket loop ----------------------------------------------------------------------
     def serve(self, sock: zmq.Socket, should_stop=lambda: False, poll_ms: int = 200) -> None:

@@ -46,7 +46,8 @@ def run(config: VerifierConfig, where: placement.Placement, ready_fd: int | None
           f"  engine:    {info.engine}, weights {info.weight_format}, {info.path}\n"
           + (f"  kernels:   {info.kernels}\n" if info.kernels else "")
           + f"  placement: {where.describe()} ({where.threads} threads)\n"
-          f"  memory:    {memory_report()}{kv_report(target)}\n"
+          f"  memory:    {memory_report()}{kv_report(target)}; prefix cache "
+          f"{f'{verifier.cache.max_tokens} tokens' if verifier.cache.max_tokens else 'off'}\n"
           f"  curve:     {curve_line}\n"
           f"  listening: {endpoint}"
           + (f" (CURVE: keys from {Path(link.authorized_keys)} only)" if link.curve else

@@ -51,6 +51,11 @@ def add_verifier_options(p: argparse.ArgumentParser, model_required: bool) -> No
                         "of the 1.5B took 1.25-1.35x as long as alone (Zen 5). On, a step reads only its own cells "
                         "(no slowdown there), but sums in float16: logits move by up to ~0.008 and output is no "
                         "longer exactly the one-token decode's on float32 files. For `serve` with many sessions")
+    g.add_argument("--prefix-cache", type=int, default=None, metavar="TOKENS",
+                   help="KV tokens that finished sessions leave behind for prompts that start with them (a chat's next "
+                        "turn prefills only its new part); least recently used out first, and out when a step needs "
+                        "the room or after --idle-timeout (default: --ctx-size; 0 = off). On llamacpp with "
+                        "--flash-attn off, cells kept here slow every step a little, as other sessions' cells do")
     g.add_argument("--kv-budget", type=int, default=0, metavar="TOKENS",
                    help="llamacpp engine: KV cache tokens all sessions share, allocated at start (default: --ctx-size x "
                         "--max-sessions, at most a quarter of the free memory); past it a step is refused with kv_full")
@@ -63,7 +68,8 @@ def verifier_config(args, link: LinkConfig, max_sessions: int = VerifierConfig.m
                           n_ctx=args.ctx_size, max_sessions=max_sessions if args.max_sessions is None else args.max_sessions,
                           max_sessions_per_peer=args.max_sessions_per_peer, idle_timeout_s=args.idle_timeout,
                           prefill_chunk=args.prefill_chunk, kv_budget=args.kv_budget,
-                          max_draft_tokens=args.max_draft_tokens, flash_attn=args.flash_attn == "on", link=link)
+                          max_draft_tokens=args.max_draft_tokens, flash_attn=args.flash_attn == "on",
+                          prefix_cache=args.prefix_cache, link=link)
 
 
 def placement_config(args) -> PlacementConfig:
@@ -84,6 +90,7 @@ def verifier_argv(config: VerifierConfig, where: PlacementConfig, verbose: bool 
             "--flash-attn", "on" if config.flash_attn else "off",
             "--listen", link.endpoint]
     for flag, value in (("--curve-secret-key", link.curve_secret_key), ("--authorized-keys", link.authorized_keys),
+                        ("--prefix-cache", config.prefix_cache),
                         ("-t", where.threads), ("--cpus", where.cpus), ("--numa-node", where.numa_node)):
         if value is not None:
             argv += [flag, str(value)]

@@ -33,6 +33,7 @@ class Session:
     identity: bytes
     host: str | None = None  # the authorized host that opened it (CURVE: its key file's name)
     state: lm.Session | None = None  # the target's KV cache for this session (committed tokens)
+    tokens: list[int] = field(default_factory=list)  # what ``state`` holds (for the prefix cache)
     root: int | None = None  # last committed token, not yet run by the target
     params: sampling.SamplingParams = sampling.SamplingParams()
     seed: int = 0  # sampling: token i of the sequence is drawn with sampling.uniform(seed, i)
@@ -54,6 +55,7 @@ class Prefill:
     left: list[int]  # prompt tokens not yet in the cache
     started: float = field(default_factory=time.perf_counter)
     features: list = field(default_factory=list)  # [n, d] per chunk, when the session wants features
+    cached: int = 0  # prompt tokens its state already held (the prefix cache), not in ``left``
 
 
 @dataclass
@@ -68,10 +70,11 @@ class Work:
     rows: int | None = None  # logits wanted: None = every node (VERIFY); a chunk: 1 if it ends the prompt, else 0
 
 
-def run_pass(target: lm.LM, work: list[Work]) -> list[tuple[Work, Message | ProtocolError]]:
+def run_pass(target: lm.LM, work: list[Work], make_room=lambda: False) -> list[tuple[Work, Message | ProtocolError]]:
     """Every item's answer: its RESULT, a refusal (``ProtocolError``, the session as it was), or an
     ``internal`` error (the session must START again). A prompt chunk that is not the last gets none.
-    Items the engine had no room for in one forward run in the next, until all have run."""
+    Items the engine had no room for in one forward run in the next, until all have run; one that finds
+    no room even alone runs again while ``make_room()`` frees some (the prefix cache's states)."""
     answers = []
     while work:
         group, work = (work, []) if target.info.batches else (work[:1], work[1:])
@@ -87,6 +90,9 @@ def run_pass(target: lm.LM, work: list[Work]) -> list[tuple[Work, Message | Prot
         shared = {"batch": len(ran), "rows": sum(map(len, ran))}  # sessions and tokens in this pass
         for w, out in zip(group, outs):
             if out is None and any(o is not None for o in outs):  # no room in this pass: the next one
+                work.append(w)
+                continue
+            if (out is None or isinstance(out, lm.CacheFull)) and make_room():  # room taken from the cache
                 work.append(w)
                 continue
             answer = settle(w, out, seconds, shared)
@@ -115,6 +121,7 @@ def commit_verify(w: Work, out: lm.Output, seconds: float, shared: dict) -> Mess
     # 3 commit: keep the root and the accepted path in the cache
     keep = [0] + path
     s.state.keep(keep)
+    s.tokens += [tokens[k] for k in keep]
     s.root = bonus
     # 4 reply: accepted tokens, bonus, features of root + accepted positions
     features = None if out.features is None else out.features[keep]
@@ -126,6 +133,7 @@ def commit_chunk(w: Work, out: lm.Output) -> Message | None:
     s, p = w.session, w.session.prefill
     s.last_used = time.monotonic()  # a long prompt going in is not idle
     s.state.keep(list(range(len(w.tokens))))
+    s.tokens += w.tokens
     del p.left[: len(w.tokens)]
     if out.features is not None:
         p.features.append(out.features)
@@ -134,7 +142,9 @@ def commit_chunk(w: Work, out: lm.Output) -> Message | None:
     _, first = accept(s, [0], [-1], out.logits, s.state.length)
     s.root, s.prefill = first, None
     features = torch.cat(p.features) if p.features else None
-    return result(s, [], first, features, time.perf_counter() - p.started, out.logits[-1:])
+    reply = result(s, [], first, features, time.perf_counter() - p.started, out.logits[-1:])
+    reply.fields["cached"] = p.cached  # prompt tokens the prefix cache gave (not prefilled)
+    return reply
 
 
 def accept(s: Session, tokens, tree, logits, position: int) -> tuple[list[int], int]:
@@ -190,6 +200,7 @@ def refused(exc: Exception, w: Work) -> ProtocolError:
     if w.parents is None:
         w.session.prefill = None
         w.session.state.truncate(0)
+        w.session.tokens = []
     if isinstance(exc, lm.CacheFull):
         return ProtocolError(str(exc), "kv_full")
     if isinstance(exc, ValueError):  # a tree this engine cannot run in one pass
@@ -199,5 +210,5 @@ def refused(exc: Exception, w: Work) -> ProtocolError:
 
 def internal(w: Work, exc: Exception) -> Message:
     """The reply to a step that failed inside the verifier; its session must START again."""
-    w.session.prefill, w.session.root = None, None
+    w.session.prefill, w.session.root, w.session.tokens = None, None, []  # what its state holds is unknown now
     return protocol.internal_error(w.seq, exc)

@@ -104,3 +104,15 @@ def test_a_curve_measured_beside_other_work_is_flagged():
     # the curve `models install` measured while pytest shared the 2 cores (Zen 5, 2026-12-02)
     noisy = {1: .025, 2: .045, 3: .109, 4: .268, 6: .181, 8: .471, 12: .375, 16: .148, 24: .226, 32: .260}
     assert "q = 8 took 471 ms, more than twice q = 16" in disorder(noisy)
+
+
+def test_review_prompts_are_two_turn_chats_whose_second_turn_rewrites_the_first():
+    from dovetail_rt import data
+
+    prompts, tasks = data.load("humaneval-review"), data.humaneval()
+    assert len(prompts) == len(tasks) == 164
+    for p, task in zip(prompts[:6], tasks):
+        (_, ask), (role, answer) = p.history
+        assert p.chat and role == "assistant" and task.text.strip() in ask and task.text.strip() in answer
+        assert [m["role"] for m in p.messages] == ["user", "assistant", "user"] and p.messages[-1]["content"] == p.text
+        assert "complete" in p.text and p.text in data.REVIEWS

@@ -164,7 +164,7 @@ def test_run_picks_the_llamacpp_engine_for_a_gguf_target(pair, tmp_path):
 # every `dovetail verifier` option set off its default (torch engine: the KV options still travel and are checked)
 OFF_DEFAULT = ["--engine", "torch", "--dtype", "float32", "-c", "512", "--max-sessions", "7", "--max-sessions-per-peer", "3",
                "--idle-timeout", "123.5", "--prefill-chunk", "32", "--kv-budget", "1024", "--max-draft-tokens", "64",
-               "--flash-attn", "on",
+               "--flash-attn", "on", "--prefix-cache", "300",
                "-t", "1", "--cpus", "0", "--numa-node", "0"]
 
 
@@ -190,7 +190,7 @@ def test_every_verifier_option_round_trips_through_the_childs_argv():
                                        LinkConfig(endpoint=CHILD_ENDPOINT), max_sessions=16)
         changed = {k for k, v in config.as_dict().items() if defaults.as_dict()[k] != v}
         assert changed >= {"engine", "dtype", "n_ctx", "max_sessions", "max_sessions_per_peer", "idle_timeout_s",
-                           "prefill_chunk", "kv_budget", "max_draft_tokens", "flash_attn"}
+                           "prefill_chunk", "kv_budget", "max_draft_tokens", "flash_attn", "prefix_cache"}
 
 
 @pytest.mark.timeout(180)
@@ -213,6 +213,38 @@ def test_run_and_serve_hand_every_verifier_option_to_the_child(tiny_dir, monkeyp
         check_child_runs(backend.config.child, backend.child.wait_ready())
     finally:
         backend.close()
+
+
+DRAFT_OFF_DEFAULT = ["-md", "ngram", "--device-draft", "cpu", "--draft-engine", "torch", "--draft-dtype", "float32",
+                     "--draft-max", "5", "--draft-min", "1", "--draft-p-min", "0.3", "--no-cost-model", "--tree-top-k", "2",
+                     "--tree-depth", "3", "--tree-tokens", "7", "--lookup-min", "2", "--lookup-max", "6", "--timeout", "33"]
+
+
+@pytest.mark.timeout(120)
+def test_generate_run_and_serve_hand_every_draft_option_to_the_client(verifier):
+    """One ClientConfig per command, every draft option in it, and a Client built from it carries them."""
+    from dovetail_rt import cli
+    from dovetail_rt.client import Client
+    from dovetail_rt.config import CHILD_ENDPOINT, ClientConfig, DraftConfig
+
+    endpoint = verifier.endpoint
+    built = {"generate": cli.client_config(cli.build_parser().parse_args(
+                 ["generate", "--verifier", endpoint, *DRAFT_OFF_DEFAULT, "-p", "x"])),
+             "run": cli.client_config(cli.build_parser().parse_args(["run", *DRAFT_OFF_DEFAULT, "-p", "x"]), child=True),
+             "serve": cli.serve_config(cli.build_parser().parse_args(["serve", *DRAFT_OFF_DEFAULT])).client,
+             "serve --verifier": cli.serve_config(cli.build_parser().parse_args(
+                 ["serve", "--verifier", endpoint, *DRAFT_OFF_DEFAULT])).client}
+    want = ClientConfig(draft="ngram", device="cpu", engine="torch", dtype="float32",
+                        draft_config=DraftConfig(draft_max=5, draft_min=1, p_min=0.3, adaptive=False, tree_top_k=2,
+                                                 tree_depth=3, tree_tokens=7, lookup_min=2, lookup_max=6))
+    for command, config in built.items():
+        assert config.link.endpoint == (CHILD_ENDPOINT if command in ("run", "serve") else endpoint), command
+        assert config.link.timeout_s == 33, command
+        assert (config.draft, config.device, config.engine, config.dtype, config.draft_config) == \
+               (want.draft, want.device, want.engine, want.dtype, want.draft_config), command
+    with Client.from_config(built["generate"], tokenizer=None) as client:
+        assert client.link == built["generate"].link
+        assert client.drafter.kind == "ngram" and client.drafter_config == want.draft_config  # no caps left open to size
 
 
 def test_serve_refuses_fewer_sessions_than_it_runs_requests():

@@ -179,3 +179,14 @@ def test_every_draft_kind_takes_the_wide_caps_from_its_curve():
     assert drafter.config.draft_max == 32
     context = list(range(40)) * 3  # the prompt repeats itself: the lookup may propose 32 tokens (unsized)
     assert len(drafter.propose(context, budget=100).tokens) > DRAFT_MAX
+
+
+def test_a_lookup_tree_branches_into_every_continuation_only_where_the_curve_is_flat():
+    from dovetail_rt import ngram
+
+    context = ngram.TokenIndex([t for k in range(6) for t in (7, 8, 100 + k)] + [7, 8])  # 7 8 went on 6 ways
+    n, conts = ngram.lookup(context, None, 1, 8, 2)
+    for curve, branches in ((FLAT, 6), (STEEP, 3)):
+        drafter = ngram.NgramDrafter(ngram.Lookup(), DraftConfig(adaptive=False), {q: t / 1000 for q, t in curve.items()})
+        tokens, parents, counts = ngram.trie(conts, drafter.top_k)
+        assert parents.count(0) == branches

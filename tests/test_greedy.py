@@ -115,6 +115,7 @@ LOOKUPS = {
     "ngram-chain": ("ngram", DraftConfig(tree_top_k=1, adaptive=False)),
     "ngram-tree": ("ngram", DraftConfig(tree_top_k=3, draft_max=12, adaptive=False)),
     "ngram-cost-model": ("ngram", DraftConfig()),
+    "ngram-wide": ("ngram", DraftConfig(tree_top_k=8, draft_max=32, adaptive=False)),  # a flat curve's trees
     "ngram+lm-chain": ("ngram+", DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
     "ngram+lm-tree": ("ngram+", DraftConfig(tree_top_k=2, tree_depth=3, tree_tokens=6, adaptive=False)),
 }
@@ -140,6 +141,26 @@ def test_lookup_greedy_output_equals_target_only(engine, target, name):
         assert by_kind.get("ngram", 0) > 0, f"the lookup never had a draft accepted: {by_kind}"
     if name.startswith("ngram+"):
         assert by_kind.get("lm", 0) > 0, f"the model draft never had a draft accepted: {by_kind}"
+
+
+@pytest.mark.timeout(120)
+def test_a_lookup_draft_that_resumes_after_a_renamed_token_is_lossless(engine, target):
+    """The prompt ends copying a block, and the target's first token departs from it (an edit): no n-gram of
+    the new tail occurred, so the lookup resumes the copy after it (substitution and insertion branches in one
+    tree), and the output is still the target's own."""
+    from dovetail_rt import ngram
+
+    verifier, target_lm = engine
+    for start in range(20, 90, 12):
+        block = list(range(start, start + 12))
+        prompt = block + [5] + block[:4]
+        if target_greedy(target_lm, prompt, 1)[0] not in block:
+            break
+    for cfg in (DraftConfig(tree_top_k=1, adaptive=False), DraftConfig(tree_top_k=4, draft_max=16, adaptive=False)):
+        with Client(verifier=verifier.endpoint, draft=ngram.Lookup(), draft_config=cfg, timeout_s=30) as client:
+            out = client.generate(prompt, max_new_tokens=24)
+            assert out.token_ids == target_greedy(target_lm, prompt, 24)
+            assert client.drafter.runs[ngram.RESUME].first_tries > ngram.PRIOR_STEPS, "the lookup never resumed"
 
 
 @pytest.mark.timeout(120)

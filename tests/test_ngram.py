@@ -94,3 +94,62 @@ def test_the_chooser_drafts_with_the_lookup_when_it_has_a_proposal():
     draft = chooser.propose([1, 2, 3, 4, 1, 2], 8)
     assert draft.kind == "ngram" and draft.tokens[:2] == [3, 4] and chooser.used is chooser.lookup
     assert isinstance(make_drafter(Choice(ngram.Lookup(), None), DraftConfig()), Chooser)
+
+
+def test_walk_finds_the_accepted_path_and_its_leaves():
+    from dovetail_rt import tree
+
+    #                     node: 1   2   3   4   5
+    t = tree.DraftTree([10, 11, 20, 12, 21], [0, 1, 0, 2, 3], [0.0] * 5)
+    assert tree.walk(t, []) == 0 and not tree.is_leaf(t, 0)
+    assert tree.walk(t, [10, 11, 12]) == 4 and tree.is_leaf(t, 4)
+    assert tree.walk(t, [20]) == 3 and not tree.is_leaf(t, 3)
+    assert tree.walk(t, [20, 21]) == 5 and tree.is_leaf(t, 5)
+    assert tree.walk(t, [10, 12]) == -1
+
+
+def test_a_short_branch_accepted_whole_is_a_hit_for_the_run_length():
+    """The run length learns from the path: a tree whose short branch was accepted to its leaf was not
+    stopped by the target (no miss), while stopping inside the longer branch is one."""
+    from dovetail_rt.tree import DraftTree
+
+    t = DraftTree([10, 11, 12, 20], [0, 1, 2, 0], [0.0] * 4, "ngram")  # a 3-deep branch and a 1-deep one
+    for path, miss in (([20], 0), ([10], 1), ([10, 11, 12], 0), ([], 0)):
+        drafter = ngram.NgramDrafter(ngram.Lookup(), DraftConfig())
+        run = drafter.runs[2]
+        before = (run.first_hits, run.first_tries, run.hits, run.misses)
+        drafter.last = (2, t)
+        drafter.observe(Feedback(None, len(t), len(path), 0.01, 0.0, 0, tuple(path)))
+        d = ngram.DECAY
+        assert run.first_tries == pytest.approx(d * before[1] + 1)
+        assert run.first_hits == pytest.approx(d * before[0] + bool(path))
+        if path:  # a rejected first token says nothing of the run after it
+            assert run.hits == pytest.approx(d * before[2] + len(path) - 1)
+            assert run.misses == pytest.approx(d * before[3] + miss)
+        else:
+            assert (run.hits, run.misses) == before[2:]
+
+
+def test_a_node_deeper_in_a_run_is_priced_first_then_rate_per_token():
+    run = ngram.RunLength.prior(0.5, 0.9)
+    assert run.chance(1) == pytest.approx(0.5) and run.chance(3) == pytest.approx(0.5 * 0.81)
+    for _ in range(30):  # the match is always right and runs on: both estimates climb
+        run.observe(True, 8, whole=True)
+    assert run.first > 0.95 and run.rate > 0.95
+
+
+def test_a_copy_resumes_after_a_renamed_token():
+    """The output copies the prompt, then renames one token: no n-gram of the new tail occurred, but the
+    tokens before it did, so the draft goes on with what followed the old name (and not with the tail itself)."""
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    out = [1, 2, 3, 4, 99]  # 5 renamed to 99
+    context = ngram.TokenIndex(prompt + [50] + out)
+    assert ngram.lookup(context, None, 1, 8, 4) == (0, [])
+    n, conts = ngram.resume(context, None, 8, 4)
+    assert n == 4 and conts == [[6, 7, 8, 9], [5, 6, 7, 8]]  # the rename first, then an insertion
+    drafter = ngram.NgramDrafter(ngram.Lookup(), DraftConfig(tree_top_k=1))
+    draft = drafter.propose(prompt + [50] + out, budget=4)
+    assert draft.tokens == [6, 7, 8, 9] and drafter.last[0] == ngram.RESUME
+    drafter.resumes = False
+    drafter.reset()
+    assert len(drafter.propose(prompt + [50] + out, budget=4)) == 0

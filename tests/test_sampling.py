@@ -148,6 +148,7 @@ CASES = {
     # lookup drafts (deterministic, like a greedy LM draft), alone and chosen before the model draft
     "T1.0-ngram-chain": (SamplingParams(1.0), DraftConfig(draft_max=3, tree_top_k=1, adaptive=False)),
     "T0.7-ngram-tree": (SamplingParams(0.7), DraftConfig(draft_max=3, tree_top_k=2, adaptive=False)),
+    "T1.0-ngram-wide": (SamplingParams(1.0), DraftConfig(draft_max=8, tree_top_k=8, adaptive=False)),  # flat-curve trees
     "T1.0-ngram+lm": (SamplingParams(1.0), DraftConfig(draft_max=3, p_min=0.0, adaptive=False)),
 }
 

@@ -87,7 +87,7 @@ def load_prompts(dataset: str | None, prompts_file: str | None, limit: int, toke
         items, name = data.load(dataset), dataset
     from ..client import encode_prompt
 
-    encoded = [(p.id, encode_prompt(tokenizer, p.text, p.chat)) for p in items[: (limit * 3 if limit else None)]]
+    encoded = [(p.id, encode_prompt(tokenizer, p.text, p.chat, p.messages[:-1])) for p in items[: (limit * 3 if limit else None)]]
     encoded = [(pid, ids) for pid, ids in encoded if len(ids) <= MAX_PROMPT_TOKENS]  # long ShareGPT turns
     return name, encoded[:limit] if limit else encoded
 
@@ -140,6 +140,7 @@ def run(config: BenchConfig, home: Path) -> dict:
         for engine in engines:
             child = stack.enter_context(VerifierChild(VerifierConfig(
                 model=config.model, home=home, engine=engine, dtype=dtype_name, max_sessions=max(16, sessions_needed(config)),
+                prefix_cache=0,  # every row prefills its whole prompt, as llama.cpp's row does
                 link=LinkConfig(endpoint=CHILD_ENDPOINT))))
             results["engines"][engine] = child.target
             add_dovetail_rows(lineup, config, home, systems, child.endpoint, engine, suffix[engine], draft_model, tokenizer)
