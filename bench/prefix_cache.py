@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     with VerifierChild(config(None)) as cached, VerifierChild(config(0)) as plain:
         print(f"target: {cached.target.get('model', args.model)} ({cached.target.get('engine')}, "
-              f"{cached.target.get('dtype')}); CPU: {cpu_name()}", flush=True)
+              f"{cached.target.get('format')}); CPU: {cpu_name()}", flush=True)
         tasks = data.humaneval()[args.first : args.first + args.chats]
         for c, task in enumerate(tasks):
             history = []

@@ -371,18 +371,9 @@ class Client:
                            self._generation, 1 << 30 if max_draft is None else max_draft, logprobs_out if
                            logprobs is not None else None, logprobs)
 
-    def _steps(self, input_ids, max_new_tokens, sampling: SamplingParams, seed, grammar, stop_at_eos, stats,
-               generation: int, max_draft: int, lps: list | None, logprobs: int | None) -> Iterator[list[int]]:
-        eos = set(self.target.eos) if stop_at_eos else set()
-        t0 = time.perf_counter()
-        self.drafter.reset()
-        start = {"temperature": float(sampling.temperature), "top_k": int(sampling.top_k), "top_p": float(sampling.top_p),
-                 "seed": seed,
-                 "features": self.drafter.wants_features}
-        if logprobs is not None:  # only what is asked crosses the link
-            start["logprobs"] = int(logprobs)
-        if grammar is not None:
-            start["grammar"] = grammar
+    def _start(self, input_ids: list[int], start: dict, stats: GenerationStats, t0: float) -> Message:
+        """START (resumed on a new session if this one is gone): the prompt goes in; the reply's bonus is
+        the first token, its ``cached`` the prompt tokens the verifier's prefix cache held."""
         try:
             if self.session is None:  # a new_session() that could not open one
                 self._hello()
@@ -394,6 +385,18 @@ class Client:
         stats.timings.prefill_s = stats.ttft_s = time.perf_counter() - t0
         stats.timings.grammar_s += float(reply.fields.get("grammar_s", 0.0))
         stats.n_cached = protocol.get_int(reply, "cached", 0, len(input_ids), 0)
+        return reply
+
+    def _steps(self, input_ids, max_new_tokens, sampling: SamplingParams, seed, grammar, stop_at_eos, stats,
+               generation: int, max_draft: int, lps: list | None, logprobs: int | None) -> Iterator[list[int]]:
+        eos = set(self.target.eos) if stop_at_eos else set()
+        t0 = time.perf_counter()
+        self.drafter.reset()
+        start = {"temperature": float(sampling.temperature), "top_k": int(sampling.top_k), "top_p": float(sampling.top_p),
+                 "seed": seed, "features": self.drafter.wants_features,
+                 **({} if logprobs is None else {"logprobs": int(logprobs)}),  # only what is asked crosses the link
+                 **({} if grammar is None else {"grammar": grammar})}
+        reply = self._start(input_ids, start, stats, t0)
         self.drafter.observe(Feedback(reply.tensors.get("features")))
         committed, left = list(input_ids), max_new_tokens
         take = _until_done([reply.fields["bonus"]], left, eos)

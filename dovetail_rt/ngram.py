@@ -217,9 +217,11 @@ def bucket(n: int) -> int:
 
 DECAY = 0.9  # per step a match length drafts: the last ~10 such steps count
 # Priors per match-length bucket, worth PRIOR_STEPS steps: (first, rate) measured with every proposal
-# sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core AMD EPYC Zen 5):
+# sent whole, on prompts outside the bench's slices (Q4_K_M target, 2-core AMD EPYC Zen 5, session 15):
 #   python bench/lookup_rates.py humaneval-edit:100:110:200 humaneval-review:100:110:200 mtbench:60:70:128
-PRIOR_RATES = {RESUME: (0.3, 0.6), 1: (0.25, 0.55), 2: (0.45, 0.75), 3: (0.65, 0.8), 4: (0.75, 0.85), 8: (0.9, 0.95)}
+#   -> (steps, first, rate), cumulative: resume (144, 0.16, 0.69), 1 (647, 0.17, 0.56), 2 (274, 0.42, 0.79),
+#      3 (49, 0.61, 0.81), 4-7 (49, 0.86, 0.90), 8+ (129, 0.98, 0.99); the edits alone: resume first 0.25-0.28
+PRIOR_RATES = {RESUME: (0.2, 0.7), 1: (0.2, 0.55), 2: (0.45, 0.8), 3: (0.6, 0.8), 4: (0.85, 0.9), 8: (0.95, 0.98)}
 PRIOR_STEPS = 4.0
 
 
