@@ -95,7 +95,7 @@ def serve_config(args) -> ServeConfig:
     child = None if args.verifier else verifier_config(args, LinkConfig(endpoint=CHILD_ENDPOINT),
                                                        max_sessions=args.parallel + 1)
     return ServeConfig(model=args.model, home=dovetail_home(), client=client_config(args, child=child is not None),
-                       verifier=args.verifier, child=child, placement=placement_config(args), host=args.host,
+                       verifiers=tuple(args.verifier or ()), child=child, placement=placement_config(args), host=args.host,
                        port=args.port, parallel=args.parallel, queue=args.queue, api_key=args.api_key,
                        cors_origins=cors_origins(args.cors_origin), aliases=tuple(args.alias))
 
@@ -104,8 +104,9 @@ def client_config(args, child: bool = False) -> ClientConfig:
     """The draft options of `generate`, `run` and `serve` as one config. ``child``: the verifier is this
     command's own child (on this host, no keys; its endpoint is known once it runs)."""
     keys = {} if child else {"curve_secret_key": args.curve_secret_key, "curve_server_key": args.curve_server_key}
-    link = LinkConfig(endpoint=CHILD_ENDPOINT if child else args.verifier or LinkConfig.endpoint,
-                      timeout_s=args.timeout, **keys)
+    given = getattr(args, "verifier", None)  # `run` has none (its child's); serve's is a list: the first of several
+    given = given[0] if isinstance(given, list) else given
+    link = LinkConfig(endpoint=CHILD_ENDPOINT if child else given or LinkConfig.endpoint, timeout_s=args.timeout, **keys)
     return ClientConfig(draft=args.model_draft, draft_config=draft_config(args), device=args.device_draft,
                         dtype=args.draft_dtype, engine=args.draft_engine, link=link)
 
@@ -184,11 +185,14 @@ def _serve_parser(sub) -> None:
                               "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"stream\": true}'")
     add_verifier_options(p, model_required=False)
     add_draft_options(p, model_required=False, generation=False)
-    p.add_argument("--verifier", default=None, help="a running verifier's endpoint (default: start one as a child process)")
+    p.add_argument("--verifier", action="append", default=None, metavar="ENDPOINT",
+                   help="a running verifier's endpoint; repeat for several (--parallel sessions on each; a request goes "
+                        "to the one running the fewest, a session whose verifier dies resumes on another) (default: "
+                        "start one as a child process)")
     add_key_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--parallel", type=int, default=4, help="requests generating at once, one verifier session each (default 4)")
+    p.add_argument("--parallel", type=int, default=4, help="requests generating at once per verifier, one verifier session each (default 4)")
     p.add_argument("--queue", type=int, default=64, help="requests waiting for a slot; past it 503 with Retry-After (default 64)")
     p.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"),
                    help="require Authorization: Bearer KEY on the API routes (all but /, /health and /metrics; "
@@ -423,7 +427,7 @@ def cmd_serve(args) -> int:
     from .draft_kinds import model_part
 
     home = dovetail_home()
-    if args.verifier is None:
+    if not args.verifier:
         store.resolve(args.model, home)  # a clear error before anything starts
     if args.model_draft and model_part(args.model_draft):
         store.resolve(model_part(args.model_draft), home)

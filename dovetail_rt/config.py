@@ -202,12 +202,12 @@ class ServeConfig:
     model: str  # the model id clients name (with a child: its target)
     home: Path
     client: ClientConfig = ClientConfig()  # every request's draft side (its link: a remote verifier's)
-    verifier: str | None = None  # a running verifier's endpoint; None: start the ``child`` verifier
-    child: VerifierConfig | None = None  # the verifier child's config (when ``verifier`` is None)
+    verifiers: tuple[str, ...] = ()  # running verifiers' endpoints (verifier_pool.py); (): start the ``child``
+    child: VerifierConfig | None = None  # the verifier child's config (when ``verifiers`` is empty)
     placement: PlacementConfig = PlacementConfig()  # where the child runs
     host: str = "127.0.0.1"
     port: int = 8080
-    parallel: int = 4  # requests generating at once (one verifier session each)
+    parallel: int = 4  # requests generating at once per verifier (one verifier session each)
     queue: int = 64  # requests waiting for a slot; past it: 503 with Retry-After
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ("*",)  # browser origins allowed to call the API (() = none)
@@ -222,8 +222,10 @@ class ServeConfig:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key is empty")
-        if (self.verifier is None) == (self.child is None):
-            raise ValueError("serve needs either a running verifier's endpoint or a child verifier's config")
+        if (not self.verifiers) == (self.child is None):
+            raise ValueError("serve needs either running verifiers' endpoints or a child verifier's config")
+        if len(set(self.verifiers)) < len(self.verifiers):
+            raise ValueError(f"--verifier names an endpoint twice: {', '.join(self.verifiers)}")
         if self.child is not None and self.child.max_sessions < self.parallel + 1:
             raise ValueError(f"--max-sessions {self.child.max_sessions} is below --parallel + 1 = {self.parallel + 1}: "
                              "each running request holds a verifier session, and a resuming one briefly holds two")

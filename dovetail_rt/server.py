@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from . import grammar, tools
 from . import openai_api as api
 from .config import ServeConfig
+from .verifier_pool import VerifierPool
 
 log = logging.getLogger(__name__)
 PUBLIC = {"/", "/health", "/metrics"}  # routes open without the API key
@@ -104,7 +105,8 @@ def snapshot(stats) -> tuple:
 
 
 class Backend:
-    """The verifier (child or remote), the shared draft and the pool of Clients.
+    """The verifier (child or remote ones), the shared draft and the pool of Clients (``--parallel`` per
+    verifier; with several, ``verifier_pool.VerifierPool`` places requests and resumes lost sessions).
 
     A verifier child that dies is restarted by a supervisor thread (after 1, 2, 4, 8, 16 s, at most
     ``RESTARTS`` times in ``RESTART_WINDOW_S``): the requests in flight get an error that says why it
@@ -119,6 +121,7 @@ class Backend:
         self.closing = threading.Event()
         self.restarts, self.last_death = 0, ""
         self.child, self.clients = None, []
+        self.pool = VerifierPool(list(config.verifiers))  # with a child: its endpoint, once it runs
         self.idle: list = []  # Clients free now (touched on the event loop only)
         self.waiters: deque[asyncio.Future] = deque()  # requests waiting for one, first come first served
         self.tokenizer, self.model_id, self.max_positions = None, config.model, 1 << 30
@@ -132,12 +135,15 @@ class Backend:
         if self.config.child is not None:
             self.child = VerifierChild(self.config.child, self.config.placement, wait=False)
 
-    def _reconnect(self, endpoint: str) -> str:
-        """Where a Client reopens a lost session: a remote verifier's endpoint (it may have restarted
-        there), the verifier child's current one; while the child is dead or restarting, the request
-        fails now with why it died (and /health says it is restarting)."""
+    def _reconnect(self, client) -> str:
+        """Where a Client reopens a lost session: with one remote verifier its endpoint (it may have
+        restarted there), with several the live one holding the fewest sessions, else the verifier child's
+        current one; while the child is dead or restarting, the request fails now with why it died (and
+        /health says it is restarting)."""
         if self.child is None:
-            return endpoint
+            if len(self.pool.endpoints) == 1:
+                return self.pool.endpoints[0]
+            return self.pool.elsewhere(client, self.clients)
         from .transport import LinkError
 
         if self.child.exited() or self.state != "ready":
@@ -183,19 +189,20 @@ class Backend:
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking: wait for the verifier, open the draft once, open --parallel sessions."""
         from . import store
-        from .client import Client, resolve_device
+        from .client import resolve_device
         from .draft_kinds import open_draft, share
 
         cfg, mine = self.config, self.config.client
         try:
-            endpoint = cfg.verifier or self.child.wait_ready().endpoint
+            if self.child is not None:
+                self.pool.endpoints = [self.child.wait_ready().endpoint]
             draft, tokenizer = open_draft(mine.draft, cfg.home, mine.dtype, resolve_device(mine.device), mine.engine,
-                                          sessions=cfg.parallel)
-            draft = share(draft)  # the requests' draft forwards that wait together run as one pass
+                                          sessions=cfg.parallel * len(self.pool.endpoints))
+            draft = share(draft)  # every session's draft forwards that wait together run as one pass
             self.metrics.watch_draft(getattr(draft, "model", draft))
-            for _ in range(cfg.parallel):
-                self.clients.append(Client.from_config(mine, endpoint=endpoint, draft=draft, tokenizer=tokenizer,
-                                                       home=cfg.home, reconnect=lambda: self._reconnect(cfg.verifier)))
+            for endpoint in self.pool.endpoints:
+                for _ in range(cfg.parallel):
+                    self.clients.append(self._client(endpoint, draft, tokenizer))
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
@@ -216,6 +223,15 @@ class Backend:
         if self.child is not None:
             threading.Thread(target=self._supervise, daemon=True, name="dovetail-supervisor").start()
 
+    def _client(self, endpoint: str, draft, tokenizer):
+        from .client import Client
+
+        box = []  # the Client, for its own reconnect()
+        client = Client.from_config(self.config.client, endpoint=endpoint, draft=draft, tokenizer=tokenizer,
+                                    home=self.config.home, reconnect=lambda: self._reconnect(box[0]))
+        box.append(client)
+        return client
+
     def check(self) -> None:
         """Raise ``Unavailable`` unless ready (and the verifier child alive)."""
         if self.state == "ready" and self.child is not None and self.child.proc.poll() is not None:
@@ -227,9 +243,11 @@ class Backend:
     async def acquire(self):
         self.check()
         if self.idle and not self.waiters:
-            return self.idle.pop()
+            client = self.idle.pop(self.pool.pick(self.idle))
+            self.pool.started(client)
+            return client
         if len(self.waiters) >= self.config.queue:
-            raise Unavailable(f"the server is busy: {self.config.parallel} requests running and {len(self.waiters)} "
+            raise Unavailable(f"the server is busy: {len(self.clients)} requests running and {len(self.waiters)} "
                               "waiting; retry later", retry_after=1)
         turn = asyncio.get_running_loop().create_future()
         self.waiters.append(turn)
@@ -247,9 +265,11 @@ class Backend:
 
     def release(self, client) -> None:
         """A Client is free: to the oldest waiting request, else to the idle ones (on the event loop)."""
+        self.pool.finished(client)
         while self.waiters:
             turn = self.waiters.popleft()
             if not turn.done():
+                self.pool.started(client)
                 turn.set_result(client)
                 return
         self.idle.append(client)
@@ -606,7 +626,10 @@ def add_routes(app: FastAPI, backend: Backend, metrics: Metrics, complete: Compl
             backend.check()
         except Unavailable as exc:
             return fail(503, str(exc), "unavailable_error")
-        return {"status": "ok", "verifier": {"restarts": backend.restarts, "last_death": backend.last_death or None}}
+        body = {"status": "ok", "verifier": {"restarts": backend.restarts, "last_death": backend.last_death or None}}
+        if len(backend.pool.endpoints) > 1:  # several: each one's state, sessions and running requests
+            body["verifiers"] = backend.pool.report(backend.clients)
+        return body
 
     @app.get("/metrics")
     async def metrics_text():
@@ -637,8 +660,9 @@ def run(config: ServeConfig) -> int:
     import uvicorn
 
     app = create_app(config)
+    each = f" on each of {len(config.verifiers)} verifiers" if len(config.verifiers) > 1 else ""
     print(f"dovetail serve: http://{config.host}:{config.port}  (OpenAI API at /v1; /health is 503 until the models "
-          f"load; {config.parallel} parallel, {config.queue} queued{', API key required' if config.api_key else ''})",
+          f"load; {config.parallel} parallel{each}, {config.queue} queued{', API key required' if config.api_key else ''})",
           flush=True)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"dovetail serve: WARNING: {config.host} reaches other hosts and no --api-key is set: anyone there can "

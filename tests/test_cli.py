@@ -254,3 +254,15 @@ def test_serve_refuses_fewer_sessions_than_it_runs_requests():
     with pytest.raises(ValueError, match="below --parallel"):
         cli.serve_config(args)
     assert cli.serve_config(cli.build_parser().parse_args(["serve", "-m", "tiny", "--parallel", "4"])).child.max_sessions == 5
+
+
+def test_serve_takes_several_verifiers_and_refuses_one_named_twice():
+    from dovetail_rt import cli
+
+    parse = lambda *a: cli.build_parser().parse_args(["serve", "-m", "tiny", *a])
+    config = cli.serve_config(parse("--verifier", "tcp://10.0.0.1:5557", "--verifier", "tcp://10.0.0.2:5557"))
+    assert config.verifiers == ("tcp://10.0.0.1:5557", "tcp://10.0.0.2:5557") and config.child is None
+    assert config.client.link.endpoint == "tcp://10.0.0.1:5557"  # each Client gets its own at load
+    with pytest.raises(ValueError, match="twice"):
+        cli.serve_config(parse("--verifier", "tcp://10.0.0.1:5557", "--verifier", "tcp://10.0.0.1:5557"))
+    assert cli.serve_config(parse()).verifiers == ()
