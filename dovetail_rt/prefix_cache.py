@@ -31,6 +31,7 @@ from . import lm
 log = logging.getLogger(__name__)
 
 MIN_REUSE = 4  # fewer shared tokens than this are not worth keeping a state for
+MAX_ENTRIES = 32  # states kept at most: each holds a llama.cpp sequence id (256 in all, trees borrow them too)
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -66,7 +67,7 @@ class PrefixCache:
             state.close()
             return
         self.entries.append(Entry(list(tokens), state))
-        while self.n_tokens > self.max_tokens:
+        while self.n_tokens > self.max_tokens or len(self.entries) > MAX_ENTRIES:
             self.evict()
 
     def take(self, prompt: list[int], limit: int, better_than: int = 0) -> tuple[Entry, int] | None:

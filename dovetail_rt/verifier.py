@@ -137,10 +137,19 @@ class Verifier:
             s.state, s.tokens, s.want_features = entry.state, entry.tokens, want_features
         elif s.state is None or s.want_features != want_features:
             self._release(s)
-            s.state, s.tokens, s.want_features = self.target.session(features=want_features), [], want_features
+            s.state, s.tokens, s.want_features = self._new_state(want_features), [], want_features
         s.state.truncate(own)
         del s.tokens[own:]
         return own
+
+    def _new_state(self, want_features: bool) -> lm.Session:
+        """A fresh target state; where the engine has no room (llama.cpp's sequence ids), cached states go first."""
+        while True:
+            try:
+                return self.target.session(features=want_features)
+            except lm.CacheFull:
+                if not self.cache.evict():
+                    raise
 
     def _constraint(self, msg: Message, prompt: list[int]):
         """START's ``grammar`` (llguidance's, from ``grammar.compile_grammar``) as this generation's

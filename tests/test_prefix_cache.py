@@ -121,3 +121,9 @@ def test_the_cache_keeps_the_longest_prefix_least_recently_used_first_within_its
     assert closed == ["short", "a"] and [e.state.name for e in cache.entries] == ["c", "d"]
     cache.drop_idle(cutoff=float("inf"))
     assert closed == ["short", "a", "c", "d"] and not cache.entries
+    from dovetail_rt.prefix_cache import MAX_ENTRIES
+
+    many = PrefixCache(max_tokens=10_000)  # each state holds a llama.cpp sequence id: their number is bounded too
+    for i in range(MAX_ENTRIES + 8):
+        many.put([i, 1, 2, 3, 4], State(i))
+    assert len(many.entries) == MAX_ENTRIES and many.entries[0].state.name == 8
