@@ -28,6 +28,13 @@ floor would switch drafting off for good. After ``probe_every`` steps in a row w
 (PROBE_EVERY at first, doubling after each probe that does not switch drafting back on, up to
 PROBE_MAX), the next step drafts at least one token (its cost: the draft's catch-up, one draft
 token and one more verified position).
+
+Hopeless: where even a draft right ALPHA_MAX of the time cannot beat the target alone (every k:
+sum_{j<=k} ALPHA_MAX^j / (k * T_D + T_V(k + 1)) <= 1 / T_V(1); e.g. a 0.5B draft on the same 2
+cores as a 4-bit 1.5B target: T_D a third of a step, T_V(2) 1.8 steps), a probe can only find what
+the measured acceptance would have shown anyway, and each one costs the draft's catch-up over
+every token since the last: no probes then (a draft measured above ALPHA_MAX still drafts).
+Re-judged every step, so a pass that gets flatter (more sessions batched) brings probes back.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from .config import DRAFT_MAX, FLAT, TREE_TOKENS, WIDEST, DraftConfig
 EMA = 0.2
 PROBE_EVERY = 16
 PROBE_MAX = 256
+ALPHA_MAX = 0.9  # per-token acceptance a model draft is credited with when judging probes (see the module's doc)
 
 
 def flat_width(verify_curve: dict | None) -> int:
@@ -88,11 +96,21 @@ class CostModel:
         """Draft at least one token this step, whatever the rate says (see the module's doc)."""
         return self.idle_steps >= self.probe_every
 
+    def hopeless(self, max_tokens: int) -> bool:
+        """Whether no chain of up to ``max_tokens`` draft tokens, each accepted with ALPHA_MAX, would beat
+        the target alone (a tree's best path is such a chain, verified with more nodes: no better)."""
+        alone, expected = 1.0 / self.pass_time(1), 1.0
+        for k in range(1, max_tokens + 1):
+            expected += ALPHA_MAX ** k
+            if expected / (k * self.t_draft + self.pass_time(k + 1)) > alone:
+                return False
+        return True
+
     def worth_drafting(self, max_tokens: int, tree_tokens: int | None = None) -> bool:
         """Whether any draft of up to ``max_tokens`` tokens (a chain; or a tree verified as
         ``tree_tokens`` nodes) is expected to beat the target alone, at the acceptance measured per
-        depth; True until that is measured, and on a probe."""
-        if not self.ready or not self.reached or self.probing:
+        depth; True until that is measured, and on a probe unless probes are ``hopeless``."""
+        if not self.ready or not self.reached or (self.probing and not self.hopeless(max_tokens)):
             return True
         alone = 1.0 / self.pass_time(1)
         expected, depth = 1.0, 0

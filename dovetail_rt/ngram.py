@@ -299,6 +299,7 @@ class NgramDrafter:
         self.context = TokenIndex()
         self.n_prompt = 0
         self.last: tuple[int, DraftTree] | None = None  # (match bucket, draft sent) of the last proposal
+        self.copying = True  # a copy may be going on (a generation may start mid-copy): an edit can break it
 
     def close(self) -> None:
         self.reset()
@@ -314,7 +315,7 @@ class NgramDrafter:
         """A generation starts (or ends): what the last one output joins the index of earlier outputs."""
         if len(self.context) > self.n_prompt:
             self.source.index.add(self.context.tokens[self.n_prompt:])
-        self.context, self.n_prompt, self.last = TokenIndex(), 0, None
+        self.context, self.n_prompt, self.last, self.copying = TokenIndex(), 0, None, True
 
     def observe(self, feedback) -> None:
         if feedback.verify_s:  # 0: the step was another draft kind's (Chooser), its timing not ours
@@ -337,10 +338,13 @@ class NgramDrafter:
         cap = min(budget, cfg.draft_max)
         n, conts = lookup(self.context, self.source.index, cfg.lookup_min, cfg.lookup_max, cap) if cap > 0 else (0, [])
         key = bucket(n)
-        if cap > 0 and n < 2 and self.resumes:  # a weak match or none: maybe an edit broke a longer one
+        # a weak match or none right after a copy (the last proposal matched RESUME_MIN tokens or more, or the
+        # generation's first): maybe an edit broke it; in chat, where nothing was being copied, never tried
+        if cap > 0 and n < 2 and self.copying and self.resumes:
             n_resumed, resumed = resume(self.context, self.source.index, cfg.lookup_max, cap)
             if n_resumed > n + 1:
                 n, conts, key = n_resumed, resumed, RESUME
+        self.copying = n >= RESUME_MIN
         if not n:
             return DraftTree.chain([], kind=self.kind)
         tokens, parents, counts = trie(conts, self.top_k)

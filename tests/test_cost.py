@@ -138,16 +138,37 @@ def test_drafting_switches_off_where_verifying_costs_more_than_it_earns():
         for _ in range(10):  # 4-token chains, 80 % of tokens accepted at each depth
             cost.observe(4, 3, [0.9, 0.8, 0.7, 0.6], curve[4] if 4 in curve else 0.15, 5 * 0.015)
         assert cost.worth_drafting(8) is pays
+    # a draft that could pay if it were right (1 ms a token: a GPU's), wrong every time: probes, ever rarer
     cost = CostModel(q4)
     for _ in range(10):
-        cost.observe(4, 3, [0.9, 0.8, 0.7, 0.6], 0.132, 0.075)
+        cost.observe(4, 0, [0.9, 0.8, 0.7, 0.6], 0.132, 5 * 0.001)
     probes = []
     for step in range(200):
         drafts = cost.worth_drafting(8)
         probes += [step] if drafts else []
-        cost.observe(1 if drafts else 0, 0, [0.5] if drafts else [], 0.078 if drafts else 0.043, 0.03 if drafts else 0.0)
+        cost.observe(1 if drafts else 0, 0, [0.5] if drafts else [], 0.078 if drafts else 0.043, 0.002 if drafts else 0.0)
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert probes[0] == PROBE_EVERY and gaps == sorted(gaps) and gaps[-1] > 2 * PROBE_EVERY
+
+
+def test_a_draft_that_cannot_pay_even_when_nearly_always_right_is_never_probed():
+    """The curve of `dovetail models install` on a 2-core AVX2 AMD EPYC (Zen 3; llama.cpp Q4_K_M, s) and a
+    0.5B draft token at a third of a step: at 90 % acceptance per token no chain beats the target alone,
+    so a probe (which makes the draft catch up over every token since the last one) cannot find a
+    better rate than the steps measured; none is sent. The same draft measured right every time drafts."""
+    from dovetail_rt.cost import PROBE_EVERY
+
+    zen3 = {1: .077, 2: .140, 3: .180, 4: .240, 6: .354, 8: .540, 12: 1.013, 16: .543, 24: 1.115, 32: 1.122}
+    cost = CostModel(zen3)
+    for _ in range(10):  # the first steps draft (nothing measured yet): wrong
+        cost.observe(4, 0, [0.9, 0.8, 0.7, 0.6], 0.240, 5 * 0.026)
+    assert cost.hopeless(16)
+    drafted = [step for step in range(20 * PROBE_EVERY) if cost.worth_drafting(16) or cost.observe(0, 0, [], 0.077, 0.0)]
+    assert drafted == [] and cost.probing
+    right = CostModel(zen3)
+    for _ in range(10):  # the same draft, every token accepted: its measured rate pays (16 tokens in 1.0 s)
+        right.observe(15, 15, [1.0] * 15, 0.543, 16 * 0.026)
+    assert right.hopeless(16) and right.worth_drafting(16)
 
 
 # measured curves (ms; DESIGN.md §7 and §8): llama.cpp Q4_K_M on the 2-core AMD EPYC, torch bfloat16 on

@@ -153,3 +153,23 @@ def test_a_copy_resumes_after_a_renamed_token():
     drafter.resumes = False
     drafter.reset()
     assert len(drafter.propose(prompt + [50] + out, budget=4)) == 0
+
+
+def test_a_resume_is_tried_only_after_a_copy(monkeypatch):
+    """Resuming costs a second lookup: tried on a generation's first step (its prompt may end mid-copy) and
+    after a step that matched RESUME_MIN tokens or more, never through text that copies nothing (chat)."""
+    tried = []
+    real = ngram.resume
+    monkeypatch.setattr(ngram, "resume", lambda *a: tried.append(len(a[0])) or real(*a))
+    drafter = ngram.NgramDrafter(ngram.Lookup(), DraftConfig(tree_top_k=1))
+    chat = list(range(100, 140))  # no token repeats: nothing to copy
+    for k in range(20, 41):
+        drafter.propose(chat[:k], budget=4)
+    assert tried == [20]  # the first step only
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    drafter.reset()
+    tried.clear()
+    for out in ([50], [50, 1], [50, 1, 2], [50, 1, 2, 3], [50, 1, 2, 3, 4], [50, 1, 2, 3, 4, 99]):
+        drafter.propose(prompt + out, budget=4)
+    assert tried == [12, 17]  # the first step, then after the rename (the copy had matched 4 tokens)
+    assert drafter.last[0] == ngram.RESUME
