@@ -7,8 +7,13 @@ and lost or failed requests. A human table, then one JSON line.
                          [--check-identity (the largest level again, each request alone: same outputs? where
                           not, the target's top-2 logit gap where they part)]
                          [--compare-run K (K prompts through the server and through `dovetail run`: overhead)]
+                         [--verifiers N (N `dovetail verifier` processes, this host's cores split among them,
+                          behind one server)] [--kill-one (then the largest level again, one verifier SIGKILLed
+                          mid-run: what it costs)]
 
-Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child) and stops it after.
+Without --url it starts `dovetail serve` on a free 127.0.0.1 port (its verifier as a child, or --verifiers N
+of them as separate processes) and stops it after. Each level reports the most requests that ran at once on
+each verifier (from /health, polled).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,16 +74,55 @@ def one_stream(client, model: str, prompts: list[str], n: int, out: list) -> Non
             out.append({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def level(client, model: str, prompts: list[str], streams: int, per_stream: int, n: int) -> dict:
+def health(url: str) -> dict:
+    """/health's body ({} when it cannot be read; a 503's body says why the server is not ready)."""
+    import http.client
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read() or b"{}")
+        except ValueError:
+            return {}
+    except (OSError, ValueError, http.client.HTTPException):
+        return {}
+
+
+def watch(url: str, stop: threading.Event, peaks: dict) -> None:
+    """Poll /health until ``stop`` (and once more then): per verifier, the most requests that ran there at once."""
+    while True:
+        for v in health(url).get("verifiers", []):
+            peaks[v["endpoint"]] = max(peaks.get(v["endpoint"], 0), v["running"])
+        if stop.wait(0.1):
+            return
+
+
+def level(client, model: str, prompts: list[str], streams: int, per_stream: int, n: int, url: str = "",
+          kill=None) -> dict:
+    """``streams`` concurrent streams of ``per_stream`` requests each; ``kill`` (a callable) runs once the
+    first request has finished (the others are decoding), and the verifiers' states are read after."""
     results: list = []
     work = [[prompts[(s * per_stream + i) % len(prompts)] for i in range(per_stream)] for s in range(streams)]
     threads = [threading.Thread(target=one_stream, args=(client, model, w, n, results)) for w in work]
+    stop, peaks = threading.Event(), {}
+    watcher = threading.Thread(target=watch, args=(url, stop, peaks), daemon=True) if url else None
     t0 = time.perf_counter()
-    for t in threads:
+    for t in threads + ([watcher] if watcher else []):
         t.start()
+    killed_at = None
+    if kill is not None:
+        while not any(r.get("tokens") for r in results) and any(t.is_alive() for t in threads):
+            time.sleep(0.1)  # some request has finished: the rest are decoding
+        killed_at = time.perf_counter() - t0
+        kill()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    stop.set()
+    if watcher:
+        watcher.join()
     ok = [r for r in results if "error" not in r]
     ttfts = sorted(r["ttft"] for r in ok)
     return {"streams": streams, "requests": len(work) * per_stream, "ok": len(ok),
@@ -86,7 +131,30 @@ def level(client, model: str, prompts: list[str], streams: int, per_stream: int,
             "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
             "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
             "per_stream_tok_s_median": statistics.median([r["tokens"] / r["seconds"] for r in ok]) if ok else 0.0,
-            "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3], "outputs": ok}
+            "wall_s": wall, "errors": sorted({r["error"] for r in results if "error" in r})[:3], "outputs": ok,
+            "peak_running_per_verifier": peaks, "killed_at_s": killed_at,
+            "verifiers_after": {v["endpoint"]: v["state"] for v in health(url).get("verifiers", [])} if url else {}}
+
+
+def start_verifiers(n: int, model: str | None, parallel: int, dtype: str | None = None) -> list:
+    """``n`` `dovetail verifier` processes on loopback, this host's CPUs split among them (each its own
+    share, pinned; with more verifiers than CPUs they share), ready."""
+    from dovetail_rt import cli, store
+    from dovetail_rt.config import CHILD_ENDPOINT, LinkConfig
+    from dovetail_rt.launcher import VerifierChild
+
+    cpus = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cpus) // n)
+    children = []
+    for i in range(n):
+        mine = [cpus[(i * per + k) % len(cpus)] for k in range(per)]
+        args = cli.build_parser().parse_args(["verifier", "-m", model or store.DEFAULT_TARGET, "--listen", CHILD_ENDPOINT,
+                                              "--cpus", ",".join(map(str, mine)), "-t", str(len(mine)),
+                                              "--max-sessions", str(2 * parallel + 1), *(["--dtype", dtype] if dtype else [])])
+        child = VerifierChild(cli.verifier_config(args, LinkConfig(endpoint=args.listen)), cli.placement_config(args),
+                              wait=False)
+        children.append(child)
+    return [c.wait_ready() for c in children]
 
 
 def compare_run(client, model_id: str, prompts: list[str], n: int, args) -> dict:
@@ -181,7 +249,18 @@ def main() -> int:
                    help="server overhead: K prompts one at a time through the server and through `dovetail run`")
     p.add_argument("--check-identity", action="store_true",
                    help="after the levels, run the largest level's requests alone and compare the outputs")
+    p.add_argument("--verifiers", type=int, default=0, metavar="N",
+                   help="N verifier processes behind the server, this host's CPUs split among them (0: serve's own child)")
+    p.add_argument("--kill-one", action="store_true",
+                   help="with --verifiers >= 2: the largest level again, the last verifier SIGKILLed mid-run")
+    p.add_argument("--dtype", default=None, help="the target's dtype on the torch engine (default: auto)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="the server's link timeout (serve --timeout): how long a stream waits on a dead verifier")
     args = p.parse_args()
+    if args.kill_one and args.verifiers < 2:
+        p.error("--kill-one needs --verifiers 2 or more (a server's own child is restarted, not routed around)")
+    if args.url and args.verifiers:
+        p.error("--verifiers starts the verifiers and the server in front of them: not with --url")
 
     from openai import OpenAI
 
@@ -189,13 +268,16 @@ def main() -> int:
     from dovetail_rt.bench import report
 
     prompts = [x.text for x in data.load(args.dataset)]
-    proc = None
+    proc, verifiers = None, []
     url = args.url
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        verifiers = start_verifiers(args.verifiers, args.model, args.parallel, args.dtype) if args.verifiers else []
         cmd = [sys.executable, "-m", "dovetail_rt.cli", "serve", "--port", str(port), "--parallel", str(args.parallel),
-               "-md", args.model_draft, *(["-m", args.model] if args.model else [])]
+               "-md", args.model_draft, *(["-m", args.model] if args.model else []),
+               *[a for v in verifiers for a in ("--verifier", v.endpoint)],
+               *(["--timeout", str(args.timeout)] if args.timeout else []), *(["--dtype", args.dtype] if args.dtype else [])]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=dict(os.environ))
     try:
         wait_ready(url, proc)
@@ -203,7 +285,12 @@ def main() -> int:
                         timeout=1800)
         model = client.models.list().data[0].id
         level(client, model, prompts[:1], 1, 1, 4)  # warm-up, not measured
-        rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n) for s in args.streams.split(",")]
+        rows = [level(client, model, prompts, int(s), args.requests_per_stream, args.n, url) for s in args.streams.split(",")]
+        if args.kill_one:  # the largest level again, one verifier killed once the first request has finished
+            killed = level(client, model, prompts, rows[-1]["streams"], args.requests_per_stream, args.n, url,
+                           kill=lambda: verifiers[-1].proc.kill())
+            killed["killed"] = verifiers[-1].endpoint
+            rows.append(killed)
         same = identity(client, model, rows[-1], args.n) if args.check_identity else None
         passes, draft_passes = pass_sizes(url)
         overhead = compare_run(client, model, prompts[-args.compare_run:], args.n, args) if args.compare_run else None
@@ -211,6 +298,8 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+        for v in verifiers:
+            v.stop()
     if same and same["differing"]:
         same["divergences"] = explain(same["differing"], args.model or store.DEFAULT_TARGET)
     print(f"{'streams':>7s} {'ok':>4s} {'fail':>4s} {'lost':>4s} {'agg tok/s':>9s} {'x one':>6s} {'ttft p50':>8s} "
@@ -219,7 +308,11 @@ def main() -> int:
     for r in rows:
         print(f"{r['streams']:7d} {r['ok']:4d} {r['failed']:4d} {r['lost']:4d} {r['aggregate_tok_s']:9.2f} "
               f"{r['aggregate_tok_s'] / base:5.2f}x {r['ttft_p50_s'] or 0:8.2f} {r['ttft_p99_s'] or 0:8.2f} "
-              f"{r['per_stream_tok_s_median']:12.2f}")
+              f"{r['per_stream_tok_s_median']:12.2f}"
+              + (f"   at most running per verifier: {sorted(r['peak_running_per_verifier'].values())}"
+                 if r["peak_running_per_verifier"] else "")
+              + (f"   {r['killed']} SIGKILLed at {r['killed_at_s']:.1f} s (wall {r['wall_s']:.1f} s against "
+                 f"{rows[-2]['wall_s']:.1f} s)" if r.get("killed") else ""))
     if same:
         print(f"{same['streams']} streams vs each request alone: {same['identical']}/{same['requests']} identical outputs")
         for d in same.get("divergences", []):
@@ -233,6 +326,7 @@ def main() -> int:
         print(f"one stream through the server vs `dovetail run`, {overhead['prompts']} prompts: median "
               f"{overhead['serve_over_run_median']:.3f}x the tokens/s")
     result = {"command": "python " + " ".join(sys.argv), "draft": args.model_draft, "n": args.n, "dataset": args.dataset,
+              "verifiers": args.verifiers,
               "parallel": args.parallel, "requests_per_stream": args.requests_per_stream,
               "machine": report.machine_info("-"), "commit": report.code_version(), "levels": rows, "identity": same,
               "steps_by_pass_sessions": passes, "draft_passes": draft_passes, "server_vs_run": overhead}

@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from . import grammar, tools
 from . import openai_api as api
 from .config import ServeConfig
-from .verifier_pool import VerifierPool
+from .verifier_pool import VerifierPool, endpoint_of
 
 log = logging.getLogger(__name__)
 PUBLIC = {"/", "/health", "/metrics"}  # routes open without the API key
@@ -203,6 +203,7 @@ class Backend:
             for endpoint in self.pool.endpoints:
                 for _ in range(cfg.parallel):
                     self.clients.append(self._client(endpoint, draft, tokenizer))
+            self.pool.learn({e: c.target.verify_curve for c in reversed(self.clients) for e in [endpoint_of(c)]})
             first = self.clients[0]
             self.tokenizer = first.tokenizer or store.load_tokenizer(cfg.model, cfg.home)
             if self.tokenizer is None:
@@ -240,10 +241,12 @@ class Backend:
         if self.state != "ready":
             raise Unavailable(self.problem)
 
-    async def acquire(self):
+    async def acquire(self, prompt: list[int] | None = None):
+        """A Client for a request with ``prompt`` (with several verifiers: the pool's pick, see VerifierPool),
+        or a wait for one, first come first served."""
         self.check()
         if self.idle and not self.waiters:
-            client = self.idle.pop(self.pool.pick(self.idle))
+            client = self.idle.pop(self.pool.pick(self.idle, prompt))
             self.pool.started(client)
             return client
         if len(self.waiters) >= self.config.queue:
@@ -263,9 +266,10 @@ class Backend:
                 self.waiters.remove(turn)
             self.metrics.waiting.set(len(self.waiters))
 
-    def release(self, client) -> None:
-        """A Client is free: to the oldest waiting request, else to the idle ones (on the event loop)."""
-        self.pool.finished(client)
+    def release(self, client, sequence: list[int] | None = None) -> None:
+        """A Client is free: to the oldest waiting request, else to the idle ones (on the event loop);
+        ``sequence``: the prompt and output of the request it served (now in its verifier's prefix cache)."""
+        self.pool.finished(client, sequence)
         while self.waiters:
             turn = self.waiters.popleft()
             if not turn.done():
@@ -315,6 +319,7 @@ class Generation:
                                   draft_min=self.config.draft_min if spec.n_min is None else min(spec.n_min, self.config.draft_max))
         self.thread = threading.Thread(target=self._run, daemon=True, name="dovetail-generation")
         self.lock, self.started = threading.Lock(), False
+        self.sequence: list[int] = []  # the prompt and what was generated, once the request completes
 
     def start(self) -> None:
         with self.lock:
@@ -333,7 +338,7 @@ class Generation:
 
     def _release(self) -> None:
         self.backend.metrics.running.dec()
-        self.loop.call_soon_threadsafe(self.backend.release, self.client)  # the session serves the next
+        self.loop.call_soon_threadsafe(self.backend.release, self.client, self.sequence)  # serves the next
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -345,15 +350,18 @@ class Generation:
             ids, n, params, seed, constraint = self.args
             before = snapshot(stats)
             lps = [] if self.logprobs is not None else None
+            generated = []
             stream = self.client.stream(ids, n, params, seed, True, stats, self.max_draft,
                                         logprobs=self.logprobs, logprobs_out=lps, grammar=constraint)
             for tokens in stream:
                 before = metrics.step(before, stats)
+                generated += tokens
                 self._put(("tokens", tokens, None if lps is None else self._shown(tokens, lps[-len(tokens):])))
                 if self.cancel.is_set():
                     stream.close()
                     break
-            self._renew()  # before "done": once a response is complete, its state is in the verifier's prefix cache
+            if self._renew():  # before "done": once a response is complete, its state is in the verifier's prefix cache
+                self.sequence = ids + generated
             self._put(("done", None, None))
         except Exception as exc:  # a dead verifier, a refused request: the response says so
             from .transport import LinkError
@@ -372,14 +380,16 @@ class Generation:
                 metrics.per_token.observe((stats.seconds - stats.ttft_s) / (stats.n_generated - 1))
             self._release()
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
         """A fresh session for this slot's next request: the one that served this request ENDs, and its
         state joins the verifier's prefix cache, where any slot's next prompt that starts with it (a chat's
         next turn) takes it; an idle slot holds no cells meanwhile."""
         try:
             self.client.new_session()
+            return True
         except Exception as exc:  # the next request opens one (or says why it cannot)
             log.info("could not renew the verifier session after a request: %s", exc)
+            return False
 
     def _shown(self, tokens: list[int], lps: list) -> list[tuple]:
         """Each token's logprobs as the API shows them: (its text, logprob, [(text, logprob) alternatives])."""
@@ -461,7 +471,7 @@ class Completions:
         constraint = await asyncio.to_thread(self._grammar, req)  # a large schema takes a while to compile
         if isinstance(constraint, JSONResponse):
             return constraint
-        client = await backend.acquire()
+        client = await backend.acquire(ids)
         self.metrics.running.inc()
         try:
             gen = Generation(backend, client, ids, req, asyncio.get_running_loop(), constraint)

@@ -4,10 +4,11 @@ costs no request (its sessions resume on the others, greedy output unchanged).""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from dovetail_rt.verifier_pool import VerifierPool
+from dovetail_rt.verifier_pool import MIN_PREFIX, VerifierPool, common_prefix
 
 from conftest import VerifierProcess
 from test_server import KEY, Server, chat_ids, expected_text, get, model_dir, openai, target  # noqa: F401  (fixtures)
@@ -43,6 +44,45 @@ def test_requests_go_to_the_verifier_running_fewest_and_lost_sessions_to_the_liv
     for c in running:
         pool.finished(c)
     assert all(pool.running[e] == 0 for e in "abc")
+
+
+def test_a_verifier_twice_as_fast_takes_twice_the_requests():
+    """Hosts differ: each request goes where the running ones, this one counted, take the least time
+    (the one-token step of the curve each verifier sent in WELCOME)."""
+    pool = VerifierPool(["fast", "slow", "unmeasured"])
+    pool.learn({"fast": {1: 0.04, 2: 0.08}, "slow": {1: 0.08, 2: 0.16}, "unmeasured": {}})
+    assert pool.step_s == {"fast": 0.04, "slow": 0.08, "unmeasured": pytest.approx(0.06)}  # none sent: the median
+    idle = [Held(e) for e in ["fast"] * 8 + ["slow"] * 8]
+    for _ in range(6):
+        pool.started(idle.pop(pool.pick(idle)))
+    assert (pool.running["fast"], pool.running["slow"]) == (4, 2)
+
+
+def test_a_prompt_goes_to_the_verifier_holding_its_history_within_the_fair_share():
+    pool = VerifierPool(["a", "b", "c"])
+    history = list(range(100, 160))  # turn 1's prompt and answer, finished on b
+    on_b = Held("b")
+    pool.started(on_b)
+    pool.finished(on_b, history)
+    assert pool.cached_prefix("b", history + [7, 8]) == 60 and pool.cached_prefix("a", history) == 0
+    idle = [Held("a"), Held("b"), Held("c")]
+    turn2 = history + list(range(5, 25))
+    assert idle[pool.pick(idle, turn2)].conn.endpoint == "b"  # its prefix cache holds 60 of the prompt's tokens
+    assert idle[pool.pick(idle, list(range(5, 80)))].conn.endpoint == "c"  # nothing shared: the least loaded
+    assert idle[pool.pick(idle, history[:MIN_PREFIX - 1])].conn.endpoint == "c"  # too little shared to matter
+    for e in "ac":  # a chat template every verifier holds decides nothing: only what b holds beyond it
+        done = Held(e)
+        pool.started(done)
+        pool.finished(done, history[:30] + [1, 2, 3])
+    assert idle[pool.pick(idle, history[:30] + [9] * 40)].conn.endpoint == "c"
+    assert idle[pool.pick(idle, turn2)].conn.endpoint == "b"  # 60 against 30: b's cache saves 30 more
+    for c in (Held("b"), Held("b")):  # b runs two, a and c none: b is past the fair share (ceil(3 / 3) = 1)
+        pool.started(c)
+    assert idle[pool.pick(idle, turn2)].conn.endpoint != "b"
+    pool.down["b"] = time.monotonic()  # a verifier that stopped answering is never preferred for its cache
+    pool.running.clear()
+    assert idle[pool.pick(idle, turn2)].conn.endpoint != "b"
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0 and common_prefix([5] * 9, [5] * 9) == 9
 
 
 @pytest.mark.timeout(300)
