@@ -366,7 +366,9 @@ class Generation:
         except Exception as exc:  # a dead verifier, a refused request: the response says so
             from .transport import LinkError
 
-            if isinstance(exc, LinkError) and self.backend.child is None:  # a child's death shows in check()
+            # one remote verifier unreachable: the server can serve nothing (a child's death shows in check());
+            # with several, this request fails, the pool avoids the dead one and the others go on serving
+            if isinstance(exc, LinkError) and self.backend.child is None and len(self.backend.pool.endpoints) == 1:
                 self.backend.state, self.backend.problem = "failed", f"the verifier is unreachable: {exc}"
             log.warning("generation failed: %s", exc)
             self._put(("error", exc, None))

@@ -3,6 +3,7 @@ costs no request (its sessions resume on the others, greedy output unchanged).""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -130,6 +131,37 @@ def test_three_verifiers_one_killed_mid_run_lose_no_request_and_keep_greedy_outp
         states = {v["endpoint"]: v["state"] for v in health["verifiers"]}
         assert states[verifiers[1].endpoint] == "down" and list(states.values()).count("ok") == 2, health
     finally:
+        server.stop()
+        for v in verifiers:
+            v.stop()
+
+
+@pytest.mark.timeout(200)
+def test_a_request_that_no_verifier_answered_fails_alone_and_the_server_serves_the_next(model_dir, target):  # noqa: F811
+    """Both verifiers stop answering (SIGSTOP) during a request: its session is lost and its resume finds no
+    live verifier, so that request fails with why; once they answer again the next request is served (the
+    server did not take one request's failure for its own)."""
+    verifiers = [VerifierProcess(model_dir) for _ in range(2)]
+    server = Server(model_dir, *[a for v in verifiers for a in ("--verifier", v.endpoint)], "-md", "ngram",
+                    "--parallel", "1", "--api-key", KEY, "-c", "320", "--timeout", "2")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        for v in verifiers:
+            v.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(openai.APIError):
+            client.chat.completions.create(model="x", messages=[{"role": "user", "content": "w3 w4 w5"}], max_tokens=8,
+                                           temperature=0)
+        for v in verifiers:
+            v.proc.send_signal(signal.SIGCONT)
+        got = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "w3 w4 w5"}], max_tokens=8,
+                                             temperature=0).choices[0].message.content
+        assert got == expected_text(target, chat_ids("w3 w4 w5"), 8)[0]
+        status, health = get(server.url + "/health")
+        assert status == 200 and "down" in [v["state"] for v in health["verifiers"]], health
+    finally:
+        for v in verifiers:
+            v.proc.send_signal(signal.SIGCONT)
         server.stop()
         for v in verifiers:
             v.stop()
