@@ -35,6 +35,14 @@ cores as a 4-bit 1.5B target: T_D a third of a step, T_V(2) 1.8 steps), a probe 
 the measured acceptance would have shown anyway, and each one costs the draft's catch-up over
 every token since the last: no probes then (a draft measured above ALPHA_MAX still drafts).
 Re-judged every step, so a pass that gets flatter (more sessions batched) brings probes back.
+
+A probe's price: a model draft that has not run since drafting stopped (or since the generation
+began) must first catch up over every token it missed, the prompt included. A probe is sent only
+when that catch-up, at the draft's measured prefill time per token (``t_catch``), costs at most
+PROBE_SHARE of the target's time over the idle steps it follows; a draft whose prefill is not
+measured yet probes as before (the probe measures it). On 2 cores a 0.5B draft prefills a token in
+about a tenth of a target step, so a probe there never pays for a prompt's catch-up; a GPU draft
+does it for a thousandth.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ EMA = 0.2
 PROBE_EVERY = 16
 PROBE_MAX = 256
 ALPHA_MAX = 0.9  # per-token acceptance a model draft is credited with when judging probes (see the module's doc)
+PROBE_SHARE = 0.05  # the most of the idle steps' target time that a probe's catch-up may cost
+CATCH_MIN = 8  # tokens in a catch-up that make it a prefill (its time per token is t_catch)
 
 
 def flat_width(verify_curve: dict | None) -> int:
@@ -76,6 +86,7 @@ class CostModel:
     def __init__(self, verify_curve: dict | None = None):
         self.t_verify = {int(q): float(t) for q, t in (verify_curve or {}).items()}
         self.t_draft: float | None = None  # seconds per draft token
+        self.t_catch: float | None = None  # seconds per token of a long catch-up (a prefill) of the draft
         self.predicted: list[float] = []  # per depth: running sums of predicted / accepted
         self.accepted: list[float] = []
         self.reached: list[float] = []  # per depth: running count of steps that drafted that deep
@@ -106,11 +117,19 @@ class CostModel:
                 return False
         return True
 
-    def worth_drafting(self, max_tokens: int, tree_tokens: int | None = None) -> bool:
+    def affordable(self, behind: int) -> bool:
+        """Whether a probe's catch-up over ``behind`` missed tokens costs at most PROBE_SHARE of the target's
+        time over the idle steps since drafting stopped (True while the draft's prefill is unmeasured)."""
+        return self.t_catch is None or behind * self.t_catch <= PROBE_SHARE * self.idle_steps * self.pass_time(1)
+
+    def worth_drafting(self, max_tokens: int, tree_tokens: int | None = None, behind: int = 0) -> bool:
         """Whether any draft of up to ``max_tokens`` tokens (a chain; or a tree verified as
         ``tree_tokens`` nodes) is expected to beat the target alone, at the acceptance measured per
-        depth; True until that is measured, and on a probe unless probes are ``hopeless``."""
-        if not self.ready or not self.reached or (self.probing and not self.hopeless(max_tokens)):
+        depth; True until that is measured, and on a probe unless probes are ``hopeless`` or the
+        draft's catch-up over the ``behind`` tokens it has not run is not ``affordable``."""
+        if not self.ready or not self.reached:
+            return True
+        if self.probing and not self.hopeless(max_tokens) and self.affordable(behind):
             return True
         alone = 1.0 / self.pass_time(1)
         expected, depth = 1.0, 0
@@ -141,6 +160,9 @@ class CostModel:
         tokens after drafting was off) is counted as the usual two-token catch-up, since it is not what
         the next draft token costs (counted whole, it switched drafting off for good on step one)."""
         caught_s, caught_n = catch_up
+        if caught_n >= CATCH_MIN:  # a prefill: what the next probe's catch-up will cost per token
+            per = caught_s / caught_n
+            self.t_catch = per if self.t_catch is None else (1 - EMA) * self.t_catch + EMA * per
         draft_s = max(draft_s - caught_s * (1 - min(2, caught_n) / max(caught_n, 1)), 0.0)
         q = n_drafted + 1
         if n_drafted and self.probing:  # a probe: wait longer for the next unless drafting pays again

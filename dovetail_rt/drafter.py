@@ -138,8 +138,9 @@ class DraftLM(Drafter):
     def propose(self, committed: list[int], budget: int) -> DraftTree:
         started = time.perf_counter()
         cfg = self.config
+        behind = len(committed) - len(self.cached)  # what a catch-up would run now (the prompt, at first)
         if budget <= 0 or (cfg.adaptive and not self.cost.worth_drafting(
-                cfg.draft_max, cfg.tree_tokens if cfg.is_tree else None)):
+                cfg.draft_max, cfg.tree_tokens if cfg.is_tree else None, behind)):
             return DraftTree.chain([])  # drafting off this step: the draft does not even catch up
         logits = self._catch_up(committed)  # [vocab] after the last committed token
         if self.config.is_tree:

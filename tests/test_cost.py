@@ -211,3 +211,27 @@ def test_a_lookup_tree_branches_into_every_continuation_only_where_the_curve_is_
         drafter = ngram.NgramDrafter(ngram.Lookup(), DraftConfig(adaptive=False), {q: t / 1000 for q, t in curve.items()})
         tokens, parents, counts = ngram.trie(conts, drafter.top_k)
         assert parents.count(0) == branches
+
+
+def test_a_probe_is_sent_only_where_the_drafts_catch_up_costs_little_of_the_idle_steps():
+    """A probe makes a model draft catch up over every token it has not run (the prompt, at a generation's
+    start): sent once that costs at most PROBE_SHARE of the target's time over the idle steps. A draft
+    prefilling 8 ms a token beside a 43 ms step never gets there; one at 0.2 ms a token (a GPU's) probes."""
+    from dovetail_rt.cost import PROBE_EVERY, PROBE_SHARE
+
+    q4 = {1: 0.043, 2: 0.078, 3: 0.103, 4: 0.132, 6: 0.148, 8: 0.279, 16: 0.378}
+    for per_token, probes in ((0.008, False), (0.0002, True)):
+        cost = CostModel(q4)
+        cost.observe(4, 0, [0.9, 0.8, 0.7, 0.6], 0.132, 150 * per_token + 5 * 0.001, catch_up=(150 * per_token, 150))
+        for _ in range(9):  # the draft (1 ms a token: not hopeless) is always wrong: drafting goes off
+            cost.observe(4, 0, [0.9, 0.8, 0.7, 0.6], 0.132, 5 * 0.001)
+        assert cost.t_catch == pytest.approx(per_token)
+        sent = []
+        for step in range(300):  # a new generation: 150 prompt tokens the draft has not run, then one a step
+            if cost.worth_drafting(8, behind=150 + step):
+                sent.append(step)
+                break
+            cost.observe(0, 0, [], 0.043, 0.0)
+        assert bool(sent) is probes
+        if probes:  # the first step past PROBE_EVERY where the catch-up fits in the share
+            assert sent[0] >= PROBE_EVERY and (150 + sent[0]) * per_token <= PROBE_SHARE * cost.idle_steps * 0.043
