@@ -72,6 +72,18 @@ class Metrics:
                                    registry=r, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
         self.verify = Histogram("dovetail:verify_pass_seconds", "One verifier pass, by sessions in the pass",
                                 ["batch"], registry=r, buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
+        self.verifier_up = Gauge("dovetail:verifier_up", "1 while a verifier answers, 0 while it is avoided as down",
+                                 ["endpoint"], registry=r)
+        self.verifier_sessions = Gauge("dovetail:verifier_sessions", "Sessions held on a verifier", ["endpoint"], registry=r)
+        self.verifier_running = Gauge("dovetail:verifier_running", "Requests running on a verifier", ["endpoint"],
+                                      registry=r)
+
+    def watch_verifiers(self, report: list[dict]) -> None:
+        """Each verifier's state, sessions and running requests (``VerifierPool.report``), set at a scrape."""
+        for v in report:
+            self.verifier_up.labels(endpoint=v["endpoint"]).set(1 if v["state"] == "ok" else 0)
+            self.verifier_sessions.labels(endpoint=v["endpoint"]).set(v["sessions"])
+            self.verifier_running.labels(endpoint=v["endpoint"]).set(v["running"])
 
     def watch_draft(self, draft) -> None:
         """Export a shared draft LM's pass counts (read at each scrape)."""
@@ -647,6 +659,8 @@ def add_routes(app: FastAPI, backend: Backend, metrics: Metrics, complete: Compl
     async def metrics_text():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        if len(backend.pool.endpoints) > 1:  # several verifiers: each one's state, as /health lists them
+            metrics.watch_verifiers(backend.pool.report(backend.clients))
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -130,6 +131,12 @@ def test_three_verifiers_one_killed_mid_run_lose_no_request_and_keep_greedy_outp
         status, health = get(server.url + "/health")
         states = {v["endpoint"]: v["state"] for v in health["verifiers"]}
         assert states[verifiers[1].endpoint] == "down" and list(states.values()).count("ok") == 2, health
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            scraped = r.read().decode()
+        for v in verifiers:
+            up = 0.0 if v is verifiers[1] else 1.0
+            assert f'dovetail:verifier_up{{endpoint="{v.endpoint}"}} {up}' in scraped, scraped[-1500:]
+        assert all(f'dovetail:verifier_sessions{{endpoint="{v.endpoint}"}}' in scraped for v in verifiers)
     finally:
         server.stop()
         for v in verifiers:
